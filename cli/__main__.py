@@ -1,0 +1,3 @@
+from llmprune.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""What every command shares: logging, the one place that turns LlmpruneError into exit code 2, JSON output."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import typer
+
+from llmprune.errors import LlmpruneError
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+    root = logging.getLogger("llmprune")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("transformers", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar() if not verbose else None
+
+
+def fail(message: str) -> "typer.Exit":
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def user_errors(func):
+    """Turn LlmpruneError (and Ctrl-C) into one line on stderr and exit code 2; other exceptions are bugs."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LlmpruneError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing was written (partial output removed).") from None
+
+    return wrapper
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

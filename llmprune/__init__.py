@@ -1,0 +1,31 @@
+"""llmprune: one-shot LLM pruning (SparseGPT, Wanda, magnitude) for any decoder model."""
+__version__ = "0.1.0"
+
+from llmprune.errors import LlmpruneError  # noqa: E402
+
+
+def prune(*args, **kwargs):
+    """Prune a model; see llmprune.api.prune."""
+    from llmprune.api import prune as _prune
+
+    return _prune(*args, **kwargs)
+
+
+def load(spec=None, *, dtype=None):
+    """Load (model, tokenizer) from a pruned directory, a Hub id, a .gguf file or the alias 'smollm2'."""
+    from llmprune.models import load_model
+
+    model, tokenizer, _ = load_model(spec, dtype=dtype)
+    return model, tokenizer
+
+
+def perplexity(model, tokenizer, text_source: str, *, seqlen: int = 2048, max_windows=None, start: int = 0, **kwargs):
+    """Perplexity of a loaded model on wikitext2, c4 or a local text file (SparseGPT protocol)."""
+    from llmprune.data import eval_tokens
+    from llmprune.evaluate import perplexity as _ppl
+
+    return _ppl(model, eval_tokens(text_source, tokenizer, seqlen=seqlen), seqlen=seqlen,
+                max_windows=max_windows, start=start, **kwargs)
+
+
+__all__ = ["LlmpruneError", "prune", "load", "perplexity", "__version__"]

@@ -1,0 +1,117 @@
+"""Sparsity patterns (unstructured, N:M) and mask selection from a score matrix."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmprune.errors import LlmpruneError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Unstructured (n = m = 0) or N:M: at most n non-zeros in every m consecutive inputs."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @property
+    def implied_sparsity(self) -> float:
+        return 1.0 - self.n / self.m if self.structured else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+
+UNSTRUCTURED = Pattern()
+
+
+def parse_pattern(text: str) -> Pattern:
+    """'unstructured' or 'N:M' with 0 < N < M (NVIDIA's convention, e.g. 2:4)."""
+    text = str(text).strip().lower()
+    if text in ("unstructured", "none", ""):
+        return UNSTRUCTURED
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if not match:
+        raise LlmpruneError(
+            f"pattern '{text}' is not understood; use 'unstructured' or N:M with integers, e.g. 2:4 or 4:8."
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise LlmpruneError(
+            f"pattern {n}:{m} is impossible: N:M keeps N of every M weights and needs 0 < N < M; try 2:4 or 4:8."
+        )
+    return Pattern(n, m)
+
+
+def check_sparsity(sparsity: float, pattern: Pattern) -> float:
+    """Validate a sparsity against a pattern; N:M fixes it at 1 - N/M."""
+    if pattern.structured:
+        implied = pattern.implied_sparsity
+        if sparsity is None:
+            return implied
+        if abs(sparsity - implied) > 1e-9:
+            raise LlmpruneError(
+                f"sparsity {sparsity:g} does not match pattern {pattern}, which implies {implied:g} "
+                f"(1 - {pattern.n}/{pattern.m}); pass --sparsity {implied:g} or leave it out."
+            )
+        return implied
+    if sparsity is None:
+        return 0.5
+    if not (0.0 <= sparsity < 1.0):
+        raise LlmpruneError(f"sparsity {sparsity:g} is outside [0, 1); pass a fraction such as 0.5.")
+    return float(sparsity)
+
+
+def prune_count(size: int, sparsity: float) -> int:
+    """How many of `size` weights a comparison group prunes (floor, as the reference code does)."""
+    return int(size * sparsity)
+
+
+def select_mask(scores: Tensor, sparsity: float, pattern: Pattern, *, per_row: bool = True) -> Tensor:
+    """Bool mask (True = prune) of the lowest scores.
+
+    scores: [rows, cols]. N:M compares within each group of M consecutive columns of a row;
+    unstructured compares within each row (per_row) or across the whole matrix. Ties are broken by
+    position (stable sort), so the mask is deterministic.
+    """
+    rows, cols = scores.shape
+    if pattern.structured:
+        if cols % pattern.m:
+            raise LlmpruneError(
+                f"pattern {pattern} needs the input width to be a multiple of {pattern.m}; got {cols}. "
+                "Add the linear to --ignore or pick another M."
+            )
+        groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+        order = torch.sort(groups, dim=-1, stable=True).indices[..., : pattern.m - pattern.n]
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+        return mask.reshape(rows, cols)
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
+    if per_row:
+        k = prune_count(cols, sparsity)
+        if k:
+            order = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
+            mask.scatter_(1, order, True)
+        return mask
+    k = prune_count(rows * cols, sparsity)
+    if k:
+        order = torch.sort(scores.flatten(), stable=True).indices[:k]
+        mask.view(-1)[order] = True
+    return mask
+
+
+def pattern_holds(weight: Tensor, pattern: Pattern) -> bool:
+    """True if every group of M consecutive inputs of every row has at most N non-zeros."""
+    if not pattern.structured:
+        return True
+    rows, cols = weight.shape
+    if cols % pattern.m:
+        return False
+    nonzero = (weight != 0).reshape(rows, cols // pattern.m, pattern.m).sum(-1)
+    return bool((nonzero <= pattern.n).all())

@@ -1,0 +1,65 @@
+"""Pruning solvers: one small file per method, one interface, one registry.
+
+A solver holds statistics of a linear's inputs, never modules:
+``add_batch(x)`` with x of shape [tokens, in_features] gathers them, and
+``prune(W, sparsity, pattern)`` returns a new tensor shaped like W with zeros where pruned.
+Linears that read the same input share one solver (one Hessian, one inverse).
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from llmprune.errors import LlmpruneError
+from llmprune.masks import Pattern
+
+
+class Solver(Protocol):
+    needs_data: bool
+
+    def add_batch(self, x: Tensor) -> None: ...
+
+    def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor: ...
+
+
+def _magnitude(columns: int, device: torch.device) -> Solver:
+    from llmprune.solvers.magnitude import MagnitudeSolver
+
+    return MagnitudeSolver()
+
+
+def _wanda(columns: int, device: torch.device) -> Solver:
+    from llmprune.solvers.wanda import WandaSolver
+
+    return WandaSolver(columns, device)
+
+
+def _sparsegpt(columns: int, device: torch.device) -> Solver:
+    from llmprune.solvers.sparsegpt import SparseGPTSolver
+
+    return SparseGPTSolver(columns, device)
+
+
+SOLVERS: dict[str, Callable[[int, torch.device], Solver]] = {
+    "magnitude": _magnitude,
+    "wanda": _wanda,
+    "sparsegpt": _sparsegpt,
+}
+
+
+def make_solver(method: str, columns: int, device: torch.device | str = "cpu") -> Solver:
+    """A fresh solver for a linear (or group of linears) with `columns` inputs."""
+    try:
+        factory = SOLVERS[method]
+    except KeyError:
+        raise LlmpruneError(
+            f"unknown method '{method}'; choose one of {', '.join(SOLVERS)}."
+        ) from None
+    return factory(columns, torch.device(device))
+
+
+def needs_data(method: str) -> bool:
+    """Whether the method needs calibration inputs at all."""
+    return make_solver(method, 1).needs_data

@@ -1,0 +1,20 @@
+"""Magnitude pruning: drop the smallest |W| (Zhu & Gupta 2017; the baseline of the SparseGPT and Wanda papers)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from llmprune.masks import Pattern, select_mask
+
+
+class MagnitudeSolver:
+    """Needs no data: unstructured compares |W| across the whole matrix, N:M within each group."""
+
+    needs_data = False
+
+    def add_batch(self, x: Tensor) -> None:
+        pass
+
+    def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
+        # W: [out, in]
+        mask = select_mask(W.abs().float(), sparsity, pattern, per_row=False)
+        return W.masked_fill(mask, 0)

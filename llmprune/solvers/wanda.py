@@ -1,0 +1,27 @@
+"""Wanda: score |W_ij| * ||X_j||_2, compared within each output row (Sun et al. 2023, arXiv:2306.11695)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llmprune.masks import Pattern, select_mask
+
+
+class WandaSolver:
+    """Keeps the squared L2 norm of every input feature over all calibration tokens."""
+
+    needs_data = True
+
+    def __init__(self, columns: int, device: torch.device):
+        self.sq_norms = torch.zeros(columns, dtype=torch.float32, device=device)  # [in]
+        self.tokens = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        self.sq_norms += x.square().sum(0)
+        self.tokens += x.shape[0]
+
+    def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
+        scores = W.abs().float() * self.sq_norms.sqrt()  # [out, in]
+        mask = select_mask(scores, sparsity, pattern, per_row=True)
+        return W.masked_fill(mask, 0)
