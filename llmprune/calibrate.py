@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern
 from llmprune.models import find_blocks, find_linears, get_weight, in_features, set_weight_
 from llmprune.solvers import Solver, make_solver, needs_data
@@ -76,6 +77,8 @@ def prune_model(
     device = torch.device(device)
     sparsity_of = sparsity if callable(sparsity) else (lambda name, s=sparsity: s)
     blocks_name, blocks = find_blocks(model)
+    if not any(find_linears(block, f"{blocks_name}.{i}", ignore) for i, block in enumerate(blocks)):
+        raise LlmpruneError(f"no linear layer is left to prune: the ignore patterns {list(ignore)} match them all; loosen --ignore.")
     results: list[LinearResult] = []
     from tqdm.auto import tqdm
 

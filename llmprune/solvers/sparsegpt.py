@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.masks import Pattern, select_mask
+from llmprune.masks import Pattern, lowest_k, select_mask
 
 BLOCKSIZE = 128  # columns per lazy-update block (paper default)
 PERCDAMP = 0.01  # dampening: 0.01 × mean diag(H) (paper default)
@@ -64,10 +64,7 @@ class SparseGPTSolver:
             else:
                 # cumulative rounding keeps the whole matrix at exactly round(sparsity × numel) zeros
                 k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-                scores = (W1.square() / d1.square()).flatten()
-                mask1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W1.device)
-                mask1[torch.sort(scores, stable=True).indices[:k]] = True
-                mask1 = mask1.view_as(W1)
+                mask1 = lowest_k((W1.square() / d1.square()).reshape(1, -1), k).view_as(W1)
             for i in range(i2 - i1):
                 if pattern.structured and i % pattern.m == 0:
                     group = slice(i, i + pattern.m)

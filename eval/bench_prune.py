@@ -1,0 +1,135 @@
+"""Quality and speed of `llmprune prune` against the reference implementations, on one machine, in one run.
+
+Protocol (issue "Pruning engine"): SmolLM2-135M fp32 on the CPU; calibration = NSAMPLES windows of SEQLEN
+tokens sampled (seed 0, SparseGPT's sampling) from the first part of WikiText-2 valid; held-out
+perplexity = NEVAL consecutive windows of SEQLEN tokens from the part calibration never sees.
+Each llmprune figure is the whole `llmprune prune` command's wall time (a warm GGUF cache), measured
+as a subprocess, with its peak RSS; the reference figure is the pruning time the reference harness
+prints (model loading and data preparation excluded), from ../shared/anchors/reference_harness.py
+running the `lib/` folder of the DSnoT paper's repository.
+
+    python eval/bench_prune.py --text ../shared/data/wikitext2/valid.txt \
+        [--reference /tmp/ref --harness ../shared/anchors/reference_harness.py] [--runs wanda:unstructured,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = ("dense:-,magnitude:unstructured,wanda:unstructured,wanda:2:4,sparsegpt:unstructured,sparsegpt:2:4,"
+        "wanda:unstructured+two-pass,sparsegpt:2:4+two-pass")
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import threading
+
+    chunks = {}
+    def drain(name, stream):
+        chunks[name] = stream.read()
+    threads = [threading.Thread(target=drain, args=(n, s)) for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if status:
+        raise SystemExit(f"command failed ({status}): {' '.join(cmd)}\n{chunks['err'][-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, chunks["out"]
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "git": git}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", required=True, help="WikiText-2 valid.txt (or any text)")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--runs", default=RUNS, help="comma-separated method:pattern")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--neval", type=int, default=64)
+    ap.add_argument("--calib-fraction", type=float, default=0.6, help="leading share of the text used for calibration")
+    ap.add_argument("--extra", default="", help="extra flags for llmprune prune, e.g. '--two-pass'")
+    ap.add_argument("--reference", help="folder holding the DSnoT repository's lib/ (enables the reference runs)")
+    ap.add_argument("--harness", default=str(Path(__file__).resolve().parents[1].parent / "shared/anchors/reference_harness.py"))
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    import llmprune.models as models
+
+    work = Path(tempfile.mkdtemp(prefix="llmprune-bench-"))
+    lines = Path(args.text).read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = int(len(lines) * args.calib_fraction)
+    calib, held_out = work / "calib.txt", work / "heldout.txt"
+    calib.write_text("".join(lines[:cut]), encoding="utf-8")
+    held_out.write_text("".join(lines[cut:]), encoding="utf-8")
+    _, _, source = models.load_model(args.model)  # warms the GGUF cache, so every timed run loads the same way
+    hf_dir = str(models._gguf_cache_path(source)) if source.kind == "gguf" else source.path
+
+    exe = [sys.executable, "-m", "llmprune"]
+    results = []
+    for run in args.runs.split(","):
+        run, _, schedule = run.partition("+")  # e.g. wanda:2:4+two-pass
+        method, pattern = run.split(":", 1)
+        row = {"method": method, "pattern": pattern, "schedule": schedule or "sequential"}
+        if method == "dense":
+            _, _, out = run_measured([*exe, "eval", args.model, "--ppl", str(held_out), "--seqlen", str(args.seqlen),
+                                      "--max-windows", str(args.neval), "--json", "--device", "cpu"])
+            row["ppl"] = json.loads(out)["ppl"]
+        else:
+            out_dir = work / f"{method}-{pattern.replace(':', 'of')}"
+            cmd = [*exe, "prune", args.model, "--method", method, "--pattern", pattern, "--calib", str(calib),
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out_dir), "--json",
+                   "--device", "cpu", *args.extra.split(), *(["--two-pass"] if schedule == "two-pass" else [])]
+            seconds, rss, out = run_measured(cmd)
+            report = json.loads(out)
+            _, _, out = run_measured([*exe, "eval", str(out_dir), "--ppl", str(held_out), "--seqlen", str(args.seqlen),
+                                      "--max-windows", str(args.neval), "--json", "--device", "cpu"])
+            row.update(ppl=json.loads(out)["ppl"], command_s=seconds, prune_s=report["timings"]["prune_s"],
+                       peak_rss_mib=rss, sparsity=report["sparsity"])
+        if args.reference and schedule != "two-pass":
+            ref_method = "dense" if method == "dense" else method
+            cmd = [sys.executable, args.harness, args.reference, ref_method, pattern if pattern != "-" else "unstructured",
+                   "--model", hf_dir, "--calib-file", str(calib), "--eval-file", str(held_out),
+                   "--ns", str(args.nsamples), "--seq", str(args.seqlen), "--ne", str(args.neval)]
+            _, rss, out = run_measured(cmd)
+            ref = json.loads(out.strip().splitlines()[-1])
+            row.update(ref_ppl=ref["ppl"], ref_prune_s=ref["prune_s"], ref_peak_rss_mib=rss)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    info = {"machine": machine(), "protocol": {k: getattr(args, k) for k in ("nsamples", "seqlen", "neval", "calib_fraction", "extra")},
+            "results": results}
+    print()
+    print(f"machine: {info['machine']}")
+    print(f"{'method':<10} {'pattern':<13} {'schedule':<10} {'ppl':>9} {'ref ppl':>9} {'Δppl':>7} {'cmd s':>7} {'prune s':>8} {'ref s':>7} {'ratio':>6} {'RSS MiB':>8}")
+    for r in results:
+        ref_ppl, ref_s = r.get("ref_ppl"), r.get("ref_prune_s")
+        delta = f"{(r['ppl'] / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
+        ratio = f"{r['command_s'] / ref_s:.2f}" if ref_s and "command_s" in r else ""
+        print(f"{r['method']:<10} {r['pattern']:<13} {r['schedule']:<10} {r['ppl']:>9.2f} {ref_ppl or '':>9} {delta:>7} "
+              f"{r.get('command_s', 0):>7.1f} {r.get('prune_s', 0):>8.1f} {ref_s or '':>7} {ratio:>6} {r.get('peak_rss_mib', 0):>8.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from conftest import ARCHS, tiny_model
+from llmprune.errors import LlmpruneError
+from llmprune.models import find_blocks, find_linears, get_weight, load_model, resolve_source, set_weight_
+
+
+def test_resolve_sources(tmp_path, tiny_model_dir):
+    directory = tiny_model_dir("llama")
+    assert resolve_source(str(directory)).kind == "dir"
+    assert resolve_source("meta-llama/Llama-3.2-1B").kind == "hub"
+    assert resolve_source("gpt2").kind == "hub"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    source = resolve_source(str(gguf))
+    assert source.kind == "gguf" and source.gguf_file == "m.gguf"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("./does/not/exist", "does not exist"),
+    ("/nope/model", "does not exist"),
+    ("no such model", "does not exist"),
+])
+def test_missing_paths(spec, message):
+    with pytest.raises(LlmpruneError, match=message):
+        resolve_source(spec)
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(LlmpruneError, match="not a model .no config.json"):
+        resolve_source(str(tmp_path))
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(LlmpruneError, match="not a .gguf model"):
+        resolve_source(str(path))
+
+
+@pytest.mark.parametrize("arch,blocks_name,count", [("llama", "model.layers", 7), ("opt", "model.decoder.layers", 6),
+                                                    ("gpt2", "transformer.h", 4), ("phi", "model.layers", 6),
+                                                    ("gemma3", "model.layers", 7), ("qwen2", "model.layers", 7)])
+def test_blocks_and_linears_are_found_structurally(arch, blocks_name, count):
+    model = tiny_model(arch)
+    name, blocks = find_blocks(model)
+    assert name == blocks_name and len(blocks) == 2
+    linears = find_linears(blocks[0], f"{name}.0")
+    assert len(linears) == count
+    assert not any("lm_head" in n or "embed" in n for n in linears)
+    assert len(find_linears(blocks[0], f"{name}.0", ignore=(r"\.0\.",))) == 0
+
+
+def test_conv1d_weights_are_seen_as_out_in():
+    model = tiny_model("gpt2")
+    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D: stores [in=64, out=256]
+    W = get_weight(c_fc)
+    assert W.shape == (256, 64)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(c_fc(x), x @ W.T + c_fc.bias)
+    set_weight_(c_fc, torch.zeros(256, 64))
+    assert torch.all(c_fc.weight == 0)
+
+
+def test_load_directory_and_dtype(tiny_model_dir):
+    model, tokenizer, source = load_model(str(tiny_model_dir("qwen2")), dtype="bfloat16")
+    assert source.kind == "dir" and next(model.parameters()).dtype == torch.bfloat16
+    assert tokenizer("abc").input_ids
+    with pytest.raises(LlmpruneError, match="unknown dtype"):
+        load_model(str(tiny_model_dir("qwen2", 1)), dtype="float8")
+
+
+def test_bad_gguf_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(LlmpruneError, match="could not read GGUF"):
+        load_model(str(path))

@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from llmprune.errors import LlmpruneError
+from llmprune.masks import Pattern, pattern_holds
+from llmprune.solvers import SOLVERS, make_solver
+from llmprune.solvers.sparsegpt import SparseGPTSolver
+
+
+def realistic_inputs(tokens=2048, features=64, seed=0):
+    """Correlated activations with a few outlier features, as LLM inputs have."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, features, generator=g) @ (torch.eye(features) + 0.3 * torch.randn(features, features, generator=g))
+    X[:, :4] *= 12.0
+    return X
+
+
+def solve(method, W, X, sparsity, pattern, batches=4):
+    solver = make_solver(method, W.shape[1])
+    for chunk in X.chunk(batches):
+        solver.add_batch(chunk)
+    return solver.prune(W, sparsity, pattern)
+
+
+def recon_error(W, W_hat, X):
+    return float(torch.linalg.norm(X @ W.T - X @ W_hat.T))
+
+
+def test_wanda_hand_worked_example():
+    W = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    X = torch.diag(torch.tensor([4.0, 1.0, 0.1, 2.0]))  # input norms 4, 1, 0.1, 2 -> scores 4, 2, 0.3, 1
+    assert torch.equal(solve("wanda", W, X, 0.5, Pattern(), batches=2), torch.tensor([[1.0, -2.0, 0.0, 0.0]]))
+
+
+def test_wanda_matches_brute_force_ranking():
+    g = torch.Generator().manual_seed(1)
+    W, X = torch.randn(16, 32, generator=g), realistic_inputs(256, 32)
+    out = solve("wanda", W, X, 0.375, Pattern())
+    norms = torch.sqrt((X.double() ** 2).sum(0))
+    for i in range(W.shape[0]):
+        scores = [(abs(W[i, j].item()) * norms[j].item(), j) for j in range(W.shape[1])]
+        pruned = {j for _, j in sorted(scores)[:12]}
+        assert {j for j in range(32) if out[i, j] == 0} == pruned
+        kept = [j for j in range(32) if j not in pruned]
+        assert torch.equal(out[i, kept], W[i, kept])
+
+
+def test_wanda_nm_prunes_within_each_group():
+    g = torch.Generator().manual_seed(2)
+    W, X = torch.randn(8, 32, generator=g), realistic_inputs(128, 32)
+    out = solve("wanda", W, X, 0.5, Pattern(2, 4))
+    assert pattern_holds(out, Pattern(2, 4))
+    scores = W.abs() * torch.sqrt((X ** 2).sum(0))
+    kept = (out != 0).reshape(8, 8, 4)
+    grouped = scores.reshape(8, 8, 4)
+    assert torch.all(grouped.masked_fill(~kept, float("inf")).amin(-1) >= grouped.masked_fill(kept, -1).amax(-1))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.5), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5), (Pattern(), 0.7)])
+def test_sparsegpt_beats_wanda_beats_magnitude(pattern, sparsity):
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(96, 64, generator=g), realistic_inputs()
+    errors = {m: recon_error(W, solve(m, W, X, sparsity, pattern), X) for m in ("magnitude", "wanda", "sparsegpt")}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("method", list(SOLVERS))
+@pytest.mark.parametrize("pattern,sparsity,zeros", [(Pattern(), 0.5, 96 * 32), (Pattern(2, 4), 0.5, 96 * 32),
+                                                   (Pattern(4, 8), 0.5, 96 * 32), (Pattern(1, 4), 0.75, 96 * 48)])
+def test_exact_sparsity_and_pattern(method, pattern, sparsity, zeros):
+    g = torch.Generator().manual_seed(4)
+    W, X = torch.randn(96, 64, generator=g), realistic_inputs()
+    before = W.clone()
+    out = solve(method, W, X, sparsity, pattern)
+    assert torch.equal(W, before), "prune must not touch its input"
+    assert out.shape == W.shape and out.dtype == W.dtype
+    assert int((out == 0).sum()) == zeros
+    assert pattern_holds(out, pattern)
+
+
+@pytest.mark.parametrize("method", list(SOLVERS))
+def test_sparsity_zero_returns_w(method):
+    g = torch.Generator().manual_seed(5)
+    W, X = torch.randn(8, 16, generator=g), realistic_inputs(64, 16)
+    assert torch.equal(solve(method, W, X, 0.0, Pattern()), W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_keep_their_dtype(dtype):
+    g = torch.Generator().manual_seed(6)
+    W, X = torch.randn(32, 64, generator=g).to(dtype), realistic_inputs().to(dtype)
+    out = solve("sparsegpt", W, X, 0.5, Pattern(2, 4))
+    assert out.dtype == dtype and pattern_holds(out, Pattern(2, 4))
+    assert torch.isfinite(out.float()).all()
+
+
+def test_sparsegpt_update_is_least_squares_optimal():
+    """Pruning only the first column, the OBS update of the rest is the least-squares fit (no dampening)."""
+    g = torch.Generator().manual_seed(7)
+    X = realistic_inputs(512, 8).double().float()
+    W = torch.randn(1, 8, generator=g)
+    W[0, 0] = 1e-3  # the lowest score: the one weight pruned at sparsity 1/8
+    solver = SparseGPTSolver(8, torch.device("cpu"), percdamp=1e-9)
+    solver.add_batch(X)
+    out = solver.prune(W, 1 / 8, Pattern())
+    assert out[0, 0] == 0
+    target = (X.double() @ W.double().T).squeeze(1)
+    best = torch.linalg.lstsq(X[:, 1:].double(), target).solution
+    torch.testing.assert_close(out[0, 1:].double(), best, rtol=1e-3, atol=1e-4)
+
+
+def test_dead_inputs_are_pruned_and_harmless():
+    g = torch.Generator().manual_seed(8)
+    X = realistic_inputs(256, 16)
+    X[:, 3] = 0
+    W = torch.randn(4, 16, generator=g)
+    out = solve("sparsegpt", W, X, 0.5, Pattern())
+    assert torch.all(out[:, 3] == 0) and torch.isfinite(out).all()
+
+
+def test_shared_solver_gives_the_same_result_as_separate_ones():
+    g = torch.Generator().manual_seed(9)
+    X = realistic_inputs(256, 32)
+    Wq, Wk = torch.randn(8, 32, generator=g), torch.randn(4, 32, generator=g)
+    shared = make_solver("sparsegpt", 32)
+    shared.add_batch(X)
+    together = (shared.prune(Wq, 0.5, Pattern()), shared.prune(Wk, 0.5, Pattern()))
+    apart = (solve("sparsegpt", Wq, X, 0.5, Pattern(), 1), solve("sparsegpt", Wk, X, 0.5, Pattern(), 1))
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+
+
+def test_unknown_method():
+    with pytest.raises(LlmpruneError, match="unknown method 'obs'.*sparsegpt"):
+        make_solver("obs", 4)
