@@ -70,9 +70,11 @@ def _render(report: dict) -> None:
     console = Console()
     console.print(table)
     t = report["timings"]
+    calibration = (f"calibration {recipe['nsamples']} × {report['seqlen_used']} tokens of {recipe['calibration']}"
+                   if "data_s" in t else "no calibration data needed")
     console.print(
         f"{len(report['linears'])} linears, overall sparsity {report['sparsity']:.2%}; "
         f"load {t['load_s']:.1f}s, data {t.get('data_s', 0):.1f}s, prune {t['prune_s']:.1f}s, "
-        f"total {t['total_s']:.1f}s; calibration {recipe['nsamples']} × {report['seqlen_used']} tokens of {recipe['calibration']}"
+        f"total {t['total_s']:.1f}s; {calibration}"
     )
     console.print(f"saved to {report['output']}" if report.get("output") else "not saved (no --out given)")
