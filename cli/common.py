@@ -26,7 +26,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar() if not verbose else None
+    if not verbose:
+        transformers.utils.logging.disable_progress_bar()
 
 
 def fail(message: str) -> "typer.Exit":
