@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import greenlet
 import torch
 from torch import Tensor, nn
 
@@ -199,8 +200,6 @@ class _Hooks:
         def hook(module, args):
             self.pruner.observe(name, args[0])
             if self.sync and name not in self.pruner.pruned:
-                import greenlet
-
                 greenlet.getcurrent().parent.switch(("sync", name))
         return hook
 
@@ -218,8 +217,6 @@ def _run_block(block: nn.Module, index: int, item: _Captured) -> Tensor:
 
 def _run_lockstep(block: nn.Module, index: int, captured: list[_Captured], pruner: _BlockPruner) -> list[Tensor]:
     """Run every micro-batch through the block as greenlets that meet at each linear; prune it when all arrived."""
-    import greenlet
-
     workers = [greenlet.greenlet(lambda item=item: ("done", _run_block(block, index, item))) for item in captured]
     outputs: list[Any] = [None] * len(workers)
     with pruner.hooks(sync=True):
