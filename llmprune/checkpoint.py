@@ -44,7 +44,3 @@ def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwr
         raise
     return out
 
-
-def read_report(directory: str | os.PathLike) -> dict | None:
-    path = Path(directory) / REPORT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
