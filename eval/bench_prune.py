@@ -81,7 +81,8 @@ def main() -> None:
     calib, held_out = work / "calib.txt", work / "heldout.txt"
     calib.write_text("".join(lines[:cut]), encoding="utf-8")
     held_out.write_text("".join(lines[cut:]), encoding="utf-8")
-    _, _, source = models.load_model(args.model)  # warms the GGUF cache, so every timed run loads the same way
+    model, _, source = models.load_model(args.model)  # warms the GGUF cache, so every timed run loads the same way
+    del model  # the timed children get the machine's memory to themselves
     hf_dir = str(models._gguf_cache_path(source)) if source.kind == "gguf" else source.path
 
     exe = [sys.executable, "-m", "llmprune"]

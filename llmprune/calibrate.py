@@ -101,11 +101,14 @@ def prune_model(
             raise ValueError(f"method {method} needs calibration windows")
         microbatch = microbatch or default_microbatch(windows.shape[1])
         captured = [_capture(model, blocks, chunk.to(device), device) for chunk in windows.split(microbatch)]
+        shared: dict[str, list[str]] = {}  # the previous block's input-sharing groups, relative to the block
         for i, block in enumerate(blocks):
             started = time.perf_counter()
             bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: {'calibrating + pruning' if sequential else 'gathering statistics'}")
             on_device = _to_device(block, device)
-            pruner = _BlockPruner(find_linears(block, f"{blocks_name}.{i}", ignore), method, sparsity_of, pattern, device)
+            prefix = f"{blocks_name}.{i}."
+            predicted = {prefix + leader: [prefix + n for n in names] for leader, names in shared.items()}
+            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore), method, sparsity_of, pattern, device, predicted)
             last = i == len(blocks) - 1
             if sequential:
                 outputs = _run_lockstep(on_device, i, captured, pruner)
@@ -118,6 +121,8 @@ def prune_model(
                     pruner.prune(name)
                 bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: propagating")
                 outputs = None if last else [_run_block(on_device, i, item) for item in captured]
+            shared = {leader[len(prefix):]: [n[len(prefix):] for n in names]
+                      for leader, names in pruner.shared_groups().items()}
             missing = set(pruner.linears) - set(pruner.pruned)
             if missing:
                 raise RuntimeError(f"linears never called by the block's forward: {sorted(missing)}")
@@ -137,21 +142,33 @@ def prune_model(
 def _prune_linear(solver: Solver, name: str, module: nn.Module, sparsity: float, pattern: Pattern,
                   leader: str | None) -> LinearResult:
     started = time.perf_counter()
-    W = get_weight(module)
-    W_new = solver.prune(W, sparsity, pattern)
+    W_new = solver.prune(get_weight(module), sparsity, pattern)
+    return _apply(name, module, W_new, sparsity, time.perf_counter() - started, leader)
+
+
+def _apply(name: str, module: nn.Module, W_new: Tensor, target: float, seconds: float, leader: str | None) -> LinearResult:
     set_weight_(module, W_new)
     zeros = int((W_new == 0).sum())
-    return LinearResult(name, tuple(W.shape), zeros / W.numel(), sparsity, time.perf_counter() - started, leader)
+    return LinearResult(name, tuple(W_new.shape), zeros / W_new.numel(), target, seconds, leader)
 
 
 class _BlockPruner:
-    """Hooks that feed a block's linears to their solvers; linears reading the same tensor share one solver."""
+    """Hooks that feed a block's linears to their solvers; linears reading the same tensor share one solver.
 
-    def __init__(self, linears: dict[str, nn.Module], method: str, sparsity_of, pattern: Pattern, device):
+    Linears that share a solver are pruned together in one solve when the solver supports it
+    (``prune_many``). In the sequential schedule the group is not known yet when its first linear must
+    be pruned, so it is predicted from the previous block; a member's stashed result is used only once
+    its own input has been seen to be the leader's, and recomputed otherwise.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], method: str, sparsity_of, pattern: Pattern, device,
+                 predicted: dict[str, list[str]] | None = None):
         self.linears = linears
         self.method, self.sparsity_of, self.pattern, self.device = method, sparsity_of, pattern, device
+        self.predicted = predicted or {}  # leader name -> the other linears expected to share its input
         self.groups: dict[str, tuple[Solver, str]] = {}  # linear name -> (solver, name of the group's first linear)
         self._by_input: dict[tuple, tuple[Solver, str, Tensor]] = {}
+        self._stashed: dict[str, tuple[Solver, Tensor, float]] = {}
         self.order: list[str] = []
         self.pruned: set[str] = set()
         self.results: list[LinearResult] = []
@@ -175,12 +192,46 @@ class _BlockPruner:
         if leader == name:
             solver.add_batch(x)
 
+    def shared_groups(self) -> dict[str, list[str]]:
+        """Leader -> the other linears that read the same input, as observed."""
+        groups: dict[str, list[str]] = {}
+        for name in self.order:
+            leader = self.groups[name][1]
+            if leader != name:
+                groups.setdefault(leader, []).append(name)
+        return groups
+
     def prune(self, name: str) -> None:
         if name in self.pruned:
             return
         solver, leader = self.groups[name]
-        self.results.append(_prune_linear(solver, name, self.linears[name], self.sparsity_of(name), self.pattern,
-                                          None if leader == name else leader))
+        shared_with = None if leader == name else leader
+        stashed = self._stashed.pop(name, None)
+        if stashed is not None and stashed[0] is solver:
+            self._finish(name, stashed[1], stashed[2], shared_with)
+            return
+        members = [name]
+        if leader == name and hasattr(solver, "prune_many"):
+            observed = [n for n, g in self.groups.items() if g[1] == name and n != name]
+            expected = [n for n in self.predicted.get(name, []) if n in self.linears and n not in self.groups]
+            members += [n for n in observed + expected if n not in self.pruned]
+        started = time.perf_counter()
+        if len(members) == 1:
+            W_new = [solver.prune(get_weight(self.linears[name]), self.sparsity_of(name), self.pattern)]
+        else:
+            W_new = solver.prune_many([get_weight(self.linears[n]) for n in members],
+                                      [self.sparsity_of(n) for n in members], self.pattern)
+        seconds = time.perf_counter() - started
+        rows = sum(W.shape[0] for W in W_new)
+        for member, W in zip(members, W_new):
+            share = seconds * W.shape[0] / rows
+            if member == name:
+                self._finish(name, W, share, shared_with)
+            else:
+                self._stashed[member] = (solver, W, share)
+
+    def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None) -> None:
+        self.results.append(_apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with))
         self.pruned.add(name)
 
     def hooks(self, sync: bool):

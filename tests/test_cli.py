@@ -118,7 +118,7 @@ def test_ctrl_c_during_pruning_leaves_nothing(model_dir, text_file, tmp_path, mo
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(calibrate, "_prune_linear", interrupted)
+    monkeypatch.setattr(calibrate, "_apply", interrupted)
     out = tmp_path / "out"
     assert_user_error(run(*prune_args(model_dir, text_file, out)), "interrupted")
     assert list(tmp_path.iterdir()) == [text_file] or not out.exists()

@@ -132,3 +132,19 @@ def test_shared_solver_gives_the_same_result_as_separate_ones():
 def test_unknown_method():
     with pytest.raises(LlmpruneError, match="unknown method 'obs'.*sparsegpt"):
         make_solver("obs", 4)
+
+
+@pytest.mark.parametrize("pattern,sparsities", [(Pattern(), (0.5, 0.3, 0.7)), (Pattern(2, 4), (0.5, 0.5, 0.5))])
+def test_sparsegpt_prune_many_equals_one_at_a_time(pattern, sparsities):
+    """Stacking the rows of weights that share an input changes nothing: masks are chosen per weight."""
+    g = torch.Generator().manual_seed(10)
+    X = realistic_inputs(512, 32)
+    weights = [torch.randn(rows, 32, generator=g) for rows in (8, 4, 6)]
+    solver = make_solver("sparsegpt", 32)
+    solver.add_batch(X)
+    together = solver.prune_many(weights, list(sparsities), pattern)
+    for W, s, T in zip(weights, sparsities, together):
+        alone = solver.prune(W, s, pattern)
+        assert torch.equal(alone == 0, T == 0)
+        torch.testing.assert_close(alone, T, rtol=1e-5, atol=1e-5)  # GEMM blocking may reorder sums
+        assert int((T == 0).sum()) == (W.numel() // 2 if pattern.structured else round(s * W.numel()))

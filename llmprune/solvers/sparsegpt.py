@@ -15,6 +15,7 @@ from llmprune.masks import Pattern, lowest_k
 
 BLOCKSIZE = 128  # columns per lazy-update block (paper default)
 PERCDAMP = 0.01  # dampening: 0.01 × mean diag(H) (paper default)
+SUBBLOCK = 32  # columns updated one by one inside a block; the rest of the block gets one product (measured)
 
 
 class SparseGPTSolver:
@@ -57,41 +58,68 @@ class SparseGPTSolver:
         return self._factor
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
-        if sparsity == 0 and not pattern.structured:
-            return W.clone()
-        U, dead = self._inverse_factor()
-        WT = W.float().T.contiguous()  # [in, out]: a column of W is a contiguous row here
+        return self._prune_stacked([W], [sparsity], pattern)[0]
+
+    def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern) -> list[Tensor]:
+        """Prune several weights that read this solver's input (q/k/v, gate/up) in one column loop.
+
+        Rows are independent given the mask, so stacking the weights' rows gives each the result of
+        pruning it alone (up to float summation order), for a single pass of the per-column loop. Masks
+        are still chosen per weight.
+        """
+        return self._prune_stacked(weights, sparsities, pattern)
+
+    def _prune_stacked(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern) -> list[Tensor]:
+        if all(s == 0 for s in sparsities) and not pattern.structured:
+            return [W.clone() for W in weights]
+        U, dead = self._inverse_factor()  # U: [in, in], upper
+        # [in, out...]: a column of the weights is a contiguous row here
+        WT = torch.cat([W.float().T for W in weights], dim=1) if len(weights) > 1 else weights[0].float().T.contiguous()
         WT[dead] = 0
-        cols, rows = WT.shape
+        cols = WT.shape[0]
+        bounds = [0]
+        for W in weights:
+            bounds.append(bounds[-1] + W.shape[0])
         m = pattern.m
         bs = max(self.blocksize // m, 1) * m if pattern.structured else self.blocksize
+        sub = max(SUBBLOCK // m, 1) * m if pattern.structured else SUBBLOCK
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
+            b = i2 - i1
             W1 = WT[i1:i2]  # view [b, out]
             U1 = U[i1:i2, i1:i2]
             d1 = torch.diagonal(U1).unsqueeze(1)  # [b, 1]
+            # scale = mask / d (zero where kept): the error of column i is W1[i] * scale[i]
             if pattern.structured:
-                mask1 = torch.empty_like(W1, dtype=torch.bool)
-                d1sq = d1.square()
-                scale = torch.empty_like(W1)
+                scale = torch.zeros_like(W1)
+                inv_d1 = 1.0 / d1
             else:
-                k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-                mask1 = lowest_k((W1.square() / d1.square()).reshape(1, -1), k).view_as(W1)
-                scale = mask1 / d1
-            # scale = mask / d: the error of column i is W1[i] * scale[i]; it is spread over the columns to
-            # its right with one rank-1 update. Row i is final once reached, so the block's errors and its
-            # zeros are applied after the loop, in one operation each.
-            for i in range(i2 - i1):
-                if pattern.structured and i % m == 0:
-                    g = slice(i, i + m)
-                    order = torch.sort(W1[g].square() / d1sq[g], dim=0, stable=True).indices[: m - pattern.n]
-                    mask1[g] = False
-                    mask1[g].scatter_(0, order, True)
-                    torch.div(mask1[g], d1[g], out=scale[g])
-                if i + 1 < i2 - i1:
-                    W1[i + 1:].addr_(U1[i, i + 1:], W1[i] * scale[i], alpha=-1)
-            Err1 = W1 * scale
-            W1.masked_fill_(mask1, 0)
+                scores = W1.square() / d1.square()
+                mask = torch.empty_like(W1, dtype=torch.bool)
+                for (r1, r2), sparsity in zip(zip(bounds, bounds[1:]), sparsities):
+                    # cumulative rounding keeps each matrix at exactly round(sparsity × numel) zeros
+                    k = round(sparsity * (r2 - r1) * i2) - round(sparsity * (r2 - r1) * i1)
+                    mask[:, r1:r2] = lowest_k(scores[:, r1:r2].reshape(1, -1), k).view(b, r2 - r1)
+                scale = mask / d1
+            Err1 = torch.empty_like(W1)
+            # Each column's error is spread over the rest of its sub-block with one rank-1 update, and
+            # over the rest of the block with one matrix product per sub-block. Row i is final once
+            # reached, so the zeros are written after the loop.
+            for j1 in range(0, b, sub):
+                j2 = min(j1 + sub, b)
+                for i in range(j1, j2):
+                    if pattern.structured and i % m == 0:
+                        # N:M: the group's mask is chosen from its weights as updated so far
+                        g = slice(i, i + m)
+                        scores = (W1[g] * inv_d1[g]).square_()
+                        order = torch.topk(scores, m - pattern.n, dim=0, largest=False).indices
+                        scale[g].scatter_(0, order, 1.0).mul_(inv_d1[g])
+                    torch.mul(W1[i], scale[i], out=Err1[i])
+                    if i + 1 < j2:
+                        W1[i + 1 : j2].addr_(U1[i, i + 1 : j2], Err1[i], alpha=-1)
+                if j2 < b:
+                    W1[j2:].addmm_(U1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
+            W1.masked_fill_(scale != 0, 0)
             if i2 < cols:
                 WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
-        return WT.T.to(W.dtype).contiguous()
+        return [WT[:, r1:r2].T.to(W.dtype).contiguous() for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
