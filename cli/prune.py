@@ -36,7 +36,10 @@ def prune(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (the model's own), float32, float16 or bfloat16; also the saved dtype."),
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
+    format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):
@@ -46,7 +49,7 @@ def prune(
 
     _, report = run_prune(
         model, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
-        microbatch=microbatch, method=method, sparsity=sparsity, pattern=pattern, calibration=calib,
+        microbatch=microbatch, format=format, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, method=method, sparsity=sparsity, pattern=pattern, calibration=calib,
         nsamples=nsamples, seqlen=seqlen, seed=seed, ignore=tuple(ignore or ()), sequential=sequential,
     )
     if json_output:
@@ -77,4 +80,9 @@ def _render(report: dict) -> None:
         f"load {t['load_s']:.1f}s, data {t.get('data_s', 0):.1f}s, prune {t['prune_s']:.1f}s, "
         f"total {t['total_s']:.1f}s; {calibration}"
     )
-    console.print(f"saved to {report['output']}" if report.get("output") else "not saved (no --out given)")
+    if report.get("output"):
+        sizes = report.get("sizes")
+        ratio = f"; linear weights {sizes['linear_stored_bytes'] / sizes['linear_dense_bytes']:.3f}× their dense size" if sizes else ""
+        console.print(f"saved to {report['output']} ({report.get('format', 'dense')}{ratio})")
+    else:
+        console.print("not saved (no --out given)")

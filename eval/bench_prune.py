@@ -94,9 +94,9 @@ def main() -> None:
         if method == "dense":
             _, _, out = run_measured([*exe, "eval", args.model, "--ppl", str(held_out), "--seqlen", str(args.seqlen),
                                       "--max-windows", str(args.neval), "--json", "--device", "cpu"])
-            row["ppl"] = json.loads(out)["ppl"]
+            row["ppl"] = json.loads(out)["models"][0]["ppl"]
         else:
-            out_dir = work / f"{method}-{pattern.replace(':', 'of')}"
+            out_dir = work / f"{method}-{pattern.replace(':', 'of')}-{schedule or 'sequential'}"
             cmd = [*exe, "prune", args.model, "--method", method, "--pattern", pattern, "--calib", str(calib),
                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out_dir), "--json",
                    "--device", "cpu", *args.extra.split(), *(["--two-pass"] if schedule == "two-pass" else [])]
@@ -104,7 +104,7 @@ def main() -> None:
             report = json.loads(out)
             _, _, out = run_measured([*exe, "eval", str(out_dir), "--ppl", str(held_out), "--seqlen", str(args.seqlen),
                                       "--max-windows", str(args.neval), "--json", "--device", "cpu"])
-            row.update(ppl=json.loads(out)["ppl"], command_s=seconds, prune_s=report["timings"]["prune_s"],
+            row.update(ppl=json.loads(out)["models"][0]["ppl"], command_s=seconds, prune_s=report["timings"]["prune_s"],
                        peak_rss_mib=rss, sparsity=report["sparsity"])
         if args.reference and schedule != "two-pass":
             ref_method = "dense" if method == "dense" else method

@@ -12,8 +12,8 @@ def prune(*args, **kwargs):
 
 
 def load(spec=None, *, dtype=None):
-    """Load (model, tokenizer) from a pruned directory, a Hub id, a .gguf file or the alias 'smollm2'."""
-    from llmprune.models import load_model
+    """Load (model, tokenizer) from a pruned directory (dense or compressed), a Hub id, a .gguf file or 'smollm2'."""
+    from llmprune.checkpoint import load_model
 
     model, tokenizer, _ = load_model(spec, dtype=dtype)
     return model, tokenizer

@@ -18,6 +18,8 @@ from llmprune.solvers import needs_data
 
 log = logging.getLogger(__name__)
 
+DEFAULT_EVAL_SEQLEN = 2048  # SparseGPT's and DSnoT's evaluation window (Wanda's LLaMA-2 numbers use 4096)
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     name = str(device or "auto")
@@ -51,12 +53,16 @@ def prune(
     device: str | torch.device | None = "auto",
     dtype: str | None = None,
     microbatch: int | None = None,
+    format: str = "compressed",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     **recipe_fields,
 ):
     """Prune a model; returns (model, report). Writes the dense checkpoint to `out` when given.
 
     model_or_path: Hub id, local directory, .gguf file, the alias 'smollm2' (default), or a loaded
-    model (then pass its tokenizer for calibration). Recipe fields (method, sparsity, pattern,
+    model (then pass its tokenizer for calibration). format: 'compressed' (compressed-tensors sparse
+    layout, the default) or 'dense' (zeros stored; loads with plain transformers). Recipe fields (method, sparsity, pattern,
     calibration, nsamples, seqlen, seed, ignore, sequential) may be passed directly instead of `recipe`.
 
     >>> model, report = prune("smollm2", method="wanda", sparsity=0.5, calibration="wikitext2-valid",
@@ -67,6 +73,7 @@ def prune(
         recipe = Recipe.create(**recipe_fields)
     elif recipe_fields:
         raise TypeError(f"pass either recipe= or recipe fields, not both: {sorted(recipe_fields)}")
+    checkpoint.check_format(format)
     target = checkpoint.check_output(out, overwrite=overwrite) if out is not None else None
     compute = resolve_device(device)
 
@@ -76,7 +83,8 @@ def prune(
         if dtype is not None:
             model.to(models.parse_dtype(dtype))
     else:
-        model, tokenizer, src = models.load_model(model_or_path, dtype=dtype)
+        model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
+                                                  trust_remote_code=trust_remote_code)
         source = asdict(src)
     timings["load_s"] = time.perf_counter() - started
 
@@ -122,7 +130,126 @@ def prune(
     if target is not None:
         t0 = time.perf_counter()
         report["output"] = str(target)
-        checkpoint.save_dense(model, tokenizer, target, report=report, overwrite=overwrite)
+        checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
+                        targets={r.name for r in results if r.sparsity > 0})
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     return model, report
+
+
+def evaluate(
+    model_specs: list[str | None] | None = None,
+    *,
+    baseline: str | None = None,
+    ppl: str | None = "wikitext2",
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    start: int = 0,
+    batch_size: int = 1,
+    tasks: str | list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    tasks_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | None = None,
+    record: bool = True,
+) -> dict:
+    """Evaluate models (and a dense baseline) on perplexity, divergence from the baseline and lm-eval tasks.
+
+    Models are loaded one at a time beside the baseline, so memory holds at most two. Each model that is
+    an llmprune output directory gets its results merged into its llmprune.json under "eval" (record=True).
+    Returns {"text", "seqlen", "windows", "baseline", "tasks", "models": [{"model", "role", ...}, ...]}.
+    """
+    from llmprune import evaluate as ev
+
+    model_specs = list(model_specs or [None])
+    task_names = ev.parse_tasks(",".join(tasks) if isinstance(tasks, (list, tuple)) else tasks)
+    manager = ev.task_manager(task_names, tasks_dir) if task_names else None  # bad names fail before any load
+    if batch_size < 1:
+        raise LlmpruneError(f"--batch-size must be at least 1; got {batch_size}.")
+    if max_windows is not None and max_windows < 1:
+        raise LlmpruneError(f"--max-windows must be at least 1; got {max_windows}.")
+    if limit is not None and limit < 1:
+        raise LlmpruneError(f"--limit must be at least 1; got {limit}.")
+    compute = resolve_device(device)
+    result: dict = {"text": ppl, "seqlen": None, "windows": None, "start": start, "baseline": baseline,
+                    "tasks": task_names, "limit": limit, "num_fewshot": num_fewshot, "models": []}
+
+    base_entry = None
+    base_model = base_tok = None
+    if baseline is not None:
+        base_model, base_tok, _ = checkpoint.load_model(baseline, dtype=dtype)
+        base_model.to(compute)
+        base_entry = {"model": baseline, "role": "baseline"}
+        result["models"].append(base_entry)
+
+    tokens_cache: dict[int, torch.Tensor] = {}
+    for spec in model_specs:
+        model, tokenizer, source = checkpoint.load_model(spec, dtype=dtype)
+        name = spec or "smollm2"
+        if base_tok is not None:
+            _check_same_tokenizer(tokenizer, base_tok, name, baseline)
+        model.to(compute)
+        entry: dict = {"model": name, "role": "model"}
+        record_entry: dict = {}
+        if ppl:
+            used = _cap_seqlen(seqlen, [m for m in (model, base_model) if m is not None])
+            key = id(base_tok) if base_tok is not None else len(tokens_cache)
+            tokens = tokens_cache.get(key)
+            if tokens is None:
+                tokens = data.eval_tokens(ppl, tokenizer, seqlen=used)
+                if base_tok is not None:
+                    tokens_cache[key] = tokens
+            scores = ev.perplexity(model, tokens, seqlen=used, max_windows=max_windows, start=start,
+                                batch_size=batch_size, device=compute, baseline=base_model, desc=f"perplexity {name}")
+            result["seqlen"], result["windows"] = used, scores["windows"]
+            entry.update(ppl=scores["ppl"], mean_loss=scores["mean_loss"])
+            where = {"text": ppl, "seqlen": used, "windows": scores["windows"], "start": start}
+            record_entry["perplexity"] = [{**where, "ppl": scores["ppl"]}]
+            if base_model is not None:
+                entry.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
+                base_entry.setdefault("ppl", scores["baseline_ppl"])
+                record_entry["divergence"] = [{**where, "baseline": baseline, "kl": scores["kl"],
+                                               "top1_agreement": scores["top1_agreement"],
+                                               "baseline_ppl": scores["baseline_ppl"]}]
+        if task_names:
+            zs = ev.evaluate_tasks(model, tokenizer, task_names, manager=manager, limit=limit,
+                                         batch_size=batch_size, num_fewshot=num_fewshot)
+            entry["tasks"] = zs["tasks"]
+            result["lm_eval"] = zs["lm_eval"]
+            record_entry.update(tasks=zs["tasks"], lm_eval=zs["lm_eval"])
+        if record and source.kind == "dir" and checkpoint.record_eval(source.path, record_entry):
+            entry["recorded_in"] = str(Path(source.path) / checkpoint.REPORT_FILE)
+        result["models"].append(entry)
+        del model
+    if base_model is not None and task_names:
+        zs = ev.evaluate_tasks(base_model, base_tok, task_names, manager=manager, limit=limit,
+                                     batch_size=batch_size, num_fewshot=num_fewshot)
+        base_entry["tasks"] = zs["tasks"]
+    result["versions"] = versions()
+    return result
+
+
+def _cap_seqlen(seqlen: int | None, loaded: list[nn.Module]) -> int:
+    """The window length: `seqlen` as asked (an error past a model's max positions), or by default 2048
+    capped at the smallest max positions."""
+    limits = [m for m in (models.max_positions(x) for x in loaded) if m is not None]
+    limit = min(limits) if limits else None
+    if seqlen is None:
+        return min(DEFAULT_EVAL_SEQLEN, limit) if limit else DEFAULT_EVAL_SEQLEN
+    if seqlen < 2:
+        raise LlmpruneError(f"--seqlen must be at least 2 for next-token perplexity; got {seqlen}.")
+    if limit is not None and seqlen > limit:
+        raise LlmpruneError(f"--seqlen {seqlen} is longer than the model's {limit} positions; use --seqlen {limit} or less.")
+    return seqlen
+
+
+def _check_same_tokenizer(tokenizer, base_tokenizer, name: str, baseline: str) -> None:
+    vocab, base_vocab = tokenizer.get_vocab(), base_tokenizer.get_vocab()
+    if vocab != base_vocab:
+        differ = len(set(vocab.items()) ^ set(base_vocab.items()))
+        raise LlmpruneError(
+            f"the baseline '{baseline}' has a different tokenizer from '{name}' ({len(base_vocab)} vs {len(vocab)} "
+            f"tokens, {differ} entries differ), so KL and top-1 agreement would be meaningless; pass the dense "
+            "model that it was pruned from as --baseline."
+        )

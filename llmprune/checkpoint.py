@@ -1,15 +1,23 @@
 """Save and load pruned model directories (safetensors + config + tokenizer + llmprune.json), atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
+from llmprune import formats
 from llmprune.errors import LlmpruneError
+from llmprune.masks import Pattern, parse_pattern, pattern_holds
 
 REPORT_FILE = "llmprune.json"
+OUTPUT_FORMATS = ("dense", "compressed")
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -22,16 +30,21 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     return out
 
 
-def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwrite: bool = False) -> Path:
-    """Write the model (zeros where pruned) to `out`: built in a temporary sibling, renamed only when complete."""
+def check_format(fmt: str) -> str:
+    if fmt not in OUTPUT_FORMATS:
+        raise LlmpruneError(f"unknown --format '{fmt}'; choose dense (zeros stored, loads anywhere) or compressed "
+                            "(compressed-tensors sparse layout, smaller).")
+    return fmt
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block completes."""
     out = check_output(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)
@@ -42,5 +55,427 @@ def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "compressed",
+         targets: set[str] | None = None, overwrite: bool = False) -> Path:
+    """Write the model to `out`: dense (zeros where pruned) or compressed (targets = module paths of the
+    pruned linears, stored in the compressed-tensors sparse layout). Atomic."""
+    check_format(fmt)
+    out = Path(out).expanduser()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report["format"] = fmt
+        if fmt == "compressed" and targets:
+            written = compress_directory(tmp, targets)
+            report["format"] = written["format"]
+            sizes = written["linears"]
+            report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
+                               "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return out
 
+
+def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwrite: bool = False) -> Path:
+    return save(model, tokenizer, out, report=report, fmt="dense", overwrite=overwrite)
+
+
+def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, overwrite: bool = False) -> dict:
+    """Copy a checkpoint into the other layout; every weight keeps its exact bits."""
+    from llmprune import models
+
+    check_format(fmt)
+    source = Path(directory).expanduser()
+    if not source.is_dir():
+        raise LlmpruneError(f"'{directory}' is not a directory; pass a model directory.")
+    if out is not None and Path(out).expanduser().resolve() == source.resolve():
+        raise LlmpruneError("--out must differ from the source directory; conversion never rewrites its input.")
+    model, tokenizer, _ = load_model(str(source))
+    report_path = source / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    targets = None
+    if fmt == "compressed":
+        blocks_name, blocks = models.find_blocks(model)
+        names = {name for i, block in enumerate(blocks) for name in models.find_linears(block, f"{blocks_name}.{i}")}
+        modules = dict(model.named_modules())
+        # store compressed only the linears whose zeros make the compressed layout smaller
+        targets = {n for n in names if _worth_compressing(models.get_weight(modules[n]))}
+    report.setdefault("converted_from", str(source))
+    target = save(model, tokenizer, out, report=report, fmt=fmt, targets=targets, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in weight_files(target))
+    return {"source": str(source), "output": str(target), "format": report.get("format", fmt), "bytes": size}
+
+
+def _worth_compressing(W) -> bool:
+    zeros = int((W == 0).sum())
+    return zeros * W.element_size() > W.numel() / 8 + 8 * W.shape[0]
+
+
+def record_eval(directory: str | os.PathLike, results: dict) -> bool:
+    """Merge evaluation results into DIRECTORY/llmprune.json under "eval" (atomically).
+
+    Perplexity entries are keyed by text and seqlen, task entries by task name, so runs accumulate
+    instead of overwriting one another. Returns False (and writes nothing) where the directory holds
+    no llmprune.json, i.e. is not an llmprune output.
+    """
+    path = Path(directory) / REPORT_FILE
+    if not path.is_file():
+        return False
+    report = json.loads(path.read_text())
+    section = report.setdefault("eval", {})
+    for key in ("perplexity", "divergence"):
+        for entry in results.get(key, []):
+            kept = [e for e in section.get(key, []) if (e.get("text"), e.get("seqlen"), e.get("baseline")) !=
+                    (entry.get("text"), entry.get("seqlen"), entry.get("baseline"))]
+            section[key] = [*kept, entry]
+    if results.get("tasks"):
+        section.setdefault("tasks", {}).update(results["tasks"])
+    for key in ("lm_eval", "versions"):
+        if key in results:
+            section[key] = results[key]
+    tmp = path.with_name(f".{REPORT_FILE}.partial")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    return True
+
+# ---- compressed checkpoints: reading, writing, building the model ----------------------------------
+
+
+def read_format(directory: str | Path) -> str | None:
+    """The sparse format a checkpoint declares (None: an ordinary dense checkpoint)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LlmpruneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the checkpoint is corrupted.") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        return None
+    if qc.get("config_groups"):
+        raise LlmpruneError(f"{directory} is quantized with compressed-tensors; llmprune reads sparse-only checkpoints "
+                            "(dense, sparse-bitmask, sparse-24-bitmask).")
+    sc = qc.get("sparsity_config") or {}
+    fmt = sc.get("format", formats.DENSE) if sc else formats.DENSE
+    if fmt not in formats.FORMATS:
+        raise LlmpruneError(f"config.json of {directory} names the sparsity format '{fmt}', which llmprune does not know; "
+                            f"it reads {', '.join(formats.FORMATS)}.")
+    return fmt
+
+
+# ---- safetensors ----------------------------------------------------------------------------------------
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint, with compressed weights decompressed to `PATH.weight`."""
+    from safetensors import SafetensorError, safe_open
+
+    files = weight_files(directory)
+    if not files:
+        raise LlmpruneError(f"{directory} holds no .safetensors weights; is it a model directory?")
+    params = formats.PARAMS.get(fmt, ())
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise LlmpruneError(f"could not read {file.name} ({_first_line(exc)}); the file is truncated or corrupted.") from None
+    if not params:
+        return tensors
+    groups: dict[str, dict[str, Tensor]] = {}
+    out: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        prefix, _, suffix = key.rpartition(".")
+        if suffix in params:
+            groups.setdefault(prefix, {})[suffix] = value
+        else:
+            out[key] = value
+    for prefix, parts in groups.items():
+        missing = [p for p in ("shape", "compressed", "bitmask") if p not in parts]
+        if missing:
+            raise LlmpruneError(f"{prefix}: compressed weight lacks {', '.join(missing)}; the checkpoint is corrupted.")
+        out[f"{prefix}.weight"] = formats.decompress(fmt, parts, prefix)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None) -> dict:
+    """Rewrite the dense safetensors of a saved model in place: every `T.weight` with T in targets is
+    stored compressed, and config.json gets the compressed-tensors block. Returns sizes per target.
+
+    `directory` must be a temporary directory the caller renames when complete (see checkpoint.py).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    files = weight_files(directory)
+    loaded: dict[Path, dict[str, Tensor]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            loaded[file] = {key: handle.get_tensor(key) for key in handle.keys()}
+    chosen = {k[: -len(".weight")]: v for tensors in loaded.values() for k, v in tensors.items()
+              if k.endswith(".weight") and k[: -len(".weight")] in targets}
+    if set(chosen) != set(targets):
+        raise ValueError(f"weights not found in the checkpoint: {sorted(set(targets) - set(chosen))[:5]}")
+    fmt = fmt or formats.choose_format(chosen)
+    sizes: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    zeros = total = 0
+    for file, tensors in loaded.items():
+        out: dict[str, Tensor] = {}
+        for key, value in tensors.items():
+            prefix = key[: -len(".weight")] if key.endswith(".weight") else None
+            if prefix in chosen:
+                parts = formats.compress(fmt, value)
+                for part, tensor in parts.items():
+                    out[f"{prefix}.{part}"] = tensor
+                sizes[prefix] = {"dense_bytes": value.numel() * value.element_size(), "stored_bytes": formats.stored_bytes(parts)}
+                zeros += int((value == 0).sum())
+                total += value.numel()
+            else:
+                out[key] = value.contiguous()
+        save_file(out, str(file), metadata={"format": "pt"})
+        weight_map.update({key: file.name for key in out})
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        data.setdefault("metadata", {})["total_size"] = sum((directory / f).stat().st_size for f in set(weight_map.values()))
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    linears = {k[: -len(".weight")] for tensors in loaded.values() for k, v in tensors.items()
+               if k.endswith(".weight") and v.dim() == 2}
+    structure = "2:4" if fmt == formats.SPARSE24 else "unstructured"
+    config["quantization_config"] = formats.sparsity_config(fmt, global_sparsity=zeros / max(total, 1), structure=structure,
+                                                    ignore=sorted(linears - set(chosen)))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"format": fmt, "linears": sizes}
+
+
+def load_compressed(directory: str | Path, fmt: str, *, dtype=None):
+    """A plain transformers model from a compressed checkpoint (weights decompressed in memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(str(directory))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = read_state_dict(directory, fmt)
+    if dtype is None:
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    try:
+        with no_init_weights():  # every weight comes from the checkpoint: skip the random init
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise LlmpruneError(f"could not build the model of {directory} from its weights ({_first_line(exc)}).") from None
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
+    missing = [k for k in missing if k not in tied and not _is_tied_copy(model, k)]
+    if missing or unexpected:
+        raise LlmpruneError(f"the weights of {directory} do not fit its config (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}); the checkpoint is incomplete or corrupted.")
+    return model.eval()
+
+
+def _is_tied_copy(model, key: str) -> bool:
+    """True when `key` names a parameter that shares its storage with another, loaded one (tied embeddings)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(key)
+    return p is not None and any(q is p for name, q in params.items() if name != key)
+
+
+def load_model(spec: str | None, *, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """(model, tokenizer, source) from anything `models.load_model` takes, plus compressed checkpoints
+    (local, or on the Hub: those are downloaded and decompressed in memory into a plain transformers model)."""
+    from transformers import AutoTokenizer
+
+    from llmprune import models
+
+    source = models.resolve_source(spec)
+    local = None
+    if source.kind == "dir":
+        local = Path(source.path)
+    elif source.kind == "hub":
+        local = _hub_snapshot_if_compressed(source.path)
+    fmt = read_format(local) if local is not None else None
+    if fmt is None:
+        return models.load_model(spec, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    torch_dtype = models.parse_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
+    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+    return load_compressed(local, fmt, dtype=torch_dtype), tokenizer, source
+
+
+def _hub_snapshot_if_compressed(repo_id: str) -> Path | None:
+    """The local snapshot of a Hub model stored in a compressed sparse layout; None for any other model
+    (transformers loads those itself, and reports network problems better)."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        config = Path(hf_hub_download(repo_id, "config.json"))
+    except Exception:  # offline, gated or missing
+        return None
+    if read_format(config.parent) is None:
+        return None
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+
+
+# ---- describing a checkpoint (`llmprune info`) --------------------------------------------------------
+
+
+def _check_directory(directory: Path) -> None:
+    if not directory.is_dir():
+        raise LlmpruneError(f"'{directory}' is not a directory; pass a model directory (config.json + *.safetensors).")
+    if not weight_files(directory):
+        if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+            raise LlmpruneError(f"{directory} holds only pickle weights (.bin/.pt), which llmprune does not open; "
+                                "convert them to safetensors with transformers' save_pretrained(safe_serialization=True).")
+        raise LlmpruneError(f"{directory} holds no .safetensors weights; is it a model directory?")
+
+
+def describe(directory: str | Path) -> dict:
+    """Per-linear sparsity, pattern check and sizes; totals; recipe, versions and eval from llmprune.json."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    _check_directory(directory)
+    fmt = read_format(directory) or formats.DENSE
+    report_path = directory / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    pattern = _declared_pattern(report, directory)
+    params = formats.PARAMS.get(fmt, ())
+
+    linears: dict[str, dict] = {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    other_bytes = 0
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    prefix, _, suffix = key.rpartition(".")
+                    if suffix in params:
+                        groups.setdefault(prefix, {})[suffix] = tensor
+                    elif suffix == "weight" and tensor.dim() == 2 and "embed" not in prefix:
+                        linears[prefix] = _entry(prefix, tensor, tensor.numel() * tensor.element_size(), pattern)
+                    else:
+                        other_bytes += tensor.numel() * tensor.element_size()
+        except (SafetensorError, OSError) as exc:
+            raise LlmpruneError(f"could not read {file.name} ({_first_line(exc)}); the file is truncated or corrupted.") from None
+    for prefix, parts in groups.items():
+        W = formats.decompress(fmt, parts, prefix)
+        linears[prefix] = _entry(prefix, W, formats.stored_bytes(parts), pattern)
+    if not linears:
+        raise LlmpruneError(f"{directory} holds no 2-D linear weights; is it a causal LM checkpoint?")
+
+    rows = [linears[k] for k in sorted(linears, key=_natural)]
+    dense_linear = sum(r["dense_bytes"] for r in rows)
+    stored_linear = sum(r["stored_bytes"] for r in rows)
+    files_bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    zeros = sum(r["zeros"] for r in rows)
+    numel = sum(r["numel"] for r in rows)
+    failing = [r["name"] for r in rows if r.get("pattern_ok") is False]
+    return {
+        "directory": str(directory),
+        "format": fmt,
+        "pattern": str(pattern) if pattern else None,
+        "pattern_ok": None if pattern is None else not failing,
+        "pattern_failures": failing,
+        "linears": rows,
+        "sparsity": zeros / numel,
+        "sizes": {
+            "linear_dense_bytes": dense_linear,
+            "linear_stored_bytes": stored_linear,
+            "linear_ratio": stored_linear / dense_linear,
+            "directory_bytes": files_bytes,
+            "directory_dense_bytes": files_bytes - stored_linear + dense_linear,
+            "directory_ratio": files_bytes / (files_bytes - stored_linear + dense_linear),
+        },
+        "recipe": report.get("recipe"),
+        "versions": report.get("versions"),
+        "eval": report.get("eval"),
+    }
+
+
+def _entry(name: str, W: torch.Tensor, stored: int, pattern: Pattern | None) -> dict:
+    zeros = int((W == 0).sum())
+    entry = {"name": name, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", ""), "numel": W.numel(),
+             "zeros": zeros, "sparsity": zeros / W.numel(), "dense_bytes": W.numel() * W.element_size(),
+             "stored_bytes": stored}
+    if pattern is not None and pattern.structured and zeros:
+        entry["pattern_ok"] = pattern_holds(W, pattern)
+    return entry
+
+
+def _declared_pattern(report: dict, directory: Path) -> Pattern | None:
+    recipe = report.get("recipe") or {}
+    if recipe.get("pattern"):
+        return parse_pattern(recipe["pattern"])
+    config = directory / "config.json"
+    if config.is_file():
+        structure = ((json.loads(config.read_text()).get("quantization_config") or {}).get("sparsity_config") or {}).get("sparsity_structure")
+        if structure and re.fullmatch(r"\d+:\d+", structure) and structure != "0:0":
+            return parse_pattern(structure)
+    return None
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def per_block_sparsity(info: dict) -> list[tuple[int, float]]:
+    """(block index, sparsity of its linears) in block order."""
+    blocks: dict[int, list[int]] = {}
+    for row in info["linears"]:
+        match = re.search(r"\.(\d+)\.", row["name"])
+        if match:
+            acc = blocks.setdefault(int(match.group(1)), [0, 0])
+            acc[0] += row["zeros"]
+            acc[1] += row["numel"]
+    return [(i, z / n) for i, (z, n) in sorted(blocks.items())]
+
+
+def plot(info: dict, path: str | Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LlmpruneError("--plot needs matplotlib; run: pip install matplotlib.") from None
+    points = per_block_sparsity(info)
+    if not points:
+        raise LlmpruneError("no numbered decoder blocks found to plot.")
+    fig, ax = plt.subplots(figsize=(max(6, len(points) * 0.25), 3.2))
+    ax.bar([i for i, _ in points], [s * 100 for _, s in points], color="#4c72b0")
+    ax.axhline(info["sparsity"] * 100, color="#c44e52", linestyle="--", linewidth=1, label=f"overall {info['sparsity']:.1%}")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_title(Path(info["directory"]).name)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -101,7 +101,8 @@ def _detach_gguf_quantizer_(model: nn.Module) -> None:
             del config.quantization_config
 
 
-def load_model(spec: str | None, *, dtype: str | torch.dtype | None = None):
+def load_model(spec: str | None, *, dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
+               trust_remote_code: bool = False):
     """Load (model, tokenizer, source) in eval mode on the CPU.
 
     GGUF files are dequantized once and cached as a safetensors directory (LLMPRUNE_CACHE), because
@@ -114,7 +115,7 @@ def load_model(spec: str | None, *, dtype: str | torch.dtype | None = None):
     if source.kind == "gguf":
         cached = _gguf_cache_path(source)
         if (cached / "config.json").is_file():
-            return _load_dir(str(cached), torch_dtype, source)
+            return _load_dir(str(cached), torch_dtype, source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         log.info("converting %s from GGUF (once; cached in %s)", source.gguf_file, cached)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -128,15 +129,27 @@ def load_model(spec: str | None, *, dtype: str | torch.dtype | None = None):
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model.eval(), tokenizer, source
-    return _load_dir(source.path, torch_dtype, source)
+    return _load_dir(source.path, torch_dtype, source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
-def _load_dir(path: str, torch_dtype, source: ModelSource):
+def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool = False,
+              trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not list(local.glob("*.safetensors")):
+        pickles = sorted(p.name for p in local.glob("*.bin")) + sorted(p.name for p in local.glob("*.pt"))
+        if not pickles:
+            raise LlmpruneError(f"{local} holds no weights (*.safetensors); pass a complete model directory.")
+        if not allow_pickle:
+            raise LlmpruneError(f"{local} holds only pickle weights ({pickles[0]}), which can run code when loaded; "
+                                "pass --allow-pickle if you trust them, or convert them to safetensors.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
     except (OSError, ValueError) as exc:
         where = "from the Hugging Face Hub" if source.kind == "hub" else f"from '{path}'"
         raise LlmpruneError(

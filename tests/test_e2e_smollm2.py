@@ -25,7 +25,8 @@ def pruned(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("e2e") / "smollm2-sparsegpt-24"
     result = CliRunner().invoke(app, ["prune", "smollm2", "--method", "sparsegpt", "--pattern", "2:4", "--calib", str(SHARED_TEXT),
-                                      "--nsamples", "16", "--seqlen", str(SEQLEN), "--out", str(out), "--json", "--device", "cpu"])
+                                      "--nsamples", "16", "--seqlen", str(SEQLEN), "--out", str(out), "--json", "--device", "cpu",
+                                      "--format", "dense"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -59,3 +60,50 @@ def test_smollm2_prunes_saves_and_reloads_in_plain_transformers(pruned):
     assert 10 < dense_ppl < 60
     # SparseGPT 2:4 from 16 windows costs SmolLM2 about 2-3x its perplexity; magnitude 2:4 costs far more
     assert dense_ppl < pruned_ppl < 4 * dense_ppl, (dense_ppl, pruned_ppl)
+
+
+def test_dense_perplexity_equals_a_direct_transformers_computation():
+    """`llmprune eval` on the dense SmolLM2 against transformers' own loss, window by window: 4 significant digits."""
+    import math
+
+    from typer.testing import CliRunner
+
+    import llmprune
+    from llmprune.cli import app
+    from llmprune.data import tokenize
+
+    seqlen, windows, start = 512, 4, 100_000
+    result = CliRunner().invoke(app, ["eval", "smollm2", "--ppl", str(SHARED_TEXT), "--seqlen", str(seqlen),
+                                      "--max-windows", str(windows), "--start", str(start), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    ours = json.loads(result.stdout)["models"][0]["ppl"]
+
+    model, tokenizer = llmprune.load("smollm2")
+    ids = tokenize(tokenizer, SHARED_TEXT.read_text(encoding="utf-8"))[:, start:]
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(windows):
+            x = ids[:, i * seqlen:(i + 1) * seqlen]
+            nll += model(x, labels=x).loss.double().item() * seqlen
+    direct = math.exp(nll / (windows * seqlen))
+    assert f"{ours:.4g}" == f"{direct:.4g}", (ours, direct)
+
+
+def test_compressed_copy_is_smaller_and_identical(pruned, tmp_path):
+    """The 2:4 checkpoint converted to sparse-24-bitmask: linear bytes at most 0.57x dense, weights bit-identical."""
+    from typer.testing import CliRunner
+
+    import llmprune
+    from llmprune.cli import app
+
+    out, _ = pruned
+    small = tmp_path / "small"
+    result = CliRunner().invoke(app, ["convert", str(out), "--format", "compressed", "--out", str(small)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(CliRunner().invoke(app, ["info", str(small), "--json"]).stdout)
+    assert info["format"] == "sparse-24-bitmask" and info["pattern_ok"] is True
+    pruned_rows = [r for r in info["linears"] if r["sparsity"] > 0.4]
+    assert len(pruned_rows) == 210
+    assert sum(r["stored_bytes"] for r in pruned_rows) / sum(r["dense_bytes"] for r in pruned_rows) <= 0.57
+    a, b = llmprune.load(str(out))[0].state_dict(), llmprune.load(str(small))[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

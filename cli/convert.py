@@ -1,0 +1,37 @@
+"""`llmprune convert`: between the dense and the compressed layouts, atomically."""
+from __future__ import annotations
+
+import typer
+
+from llmprune.cli.app import app
+from llmprune.cli.common import print_json, setup_logging, user_errors
+
+EXAMPLES = """
+Examples:
+
+  llmprune convert m24 --format dense --out m24-dense          # for tools that need dense weights
+
+  llmprune convert ./sparse-dense-zeros --format compressed --out ./sparse-small
+"""
+
+
+@app.command(epilog=EXAMPLES)
+@user_errors
+def convert(
+    directory: str = typer.Argument(..., help="A model directory (dense or compressed)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory (written only when complete)."),
+    format: str = typer.Option(..., "--format", help="dense or compressed."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+):
+    """Rewrite a checkpoint as dense safetensors or in the compressed sparse layout (the weights stay bit-identical)."""
+    setup_logging(verbose, quiet=json_output)
+    from llmprune.checkpoint import convert as run_convert
+
+    result = run_convert(directory, out, fmt=format, overwrite=overwrite)
+    if json_output:
+        print_json(result)
+    else:
+        typer.echo(f"{result['source']} → {result['output']} ({result['format']}, "
+                   f"{result['bytes'] / 2**20:.1f} MiB of weights)")

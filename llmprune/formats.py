@@ -1,0 +1,137 @@
+"""The sparse checkpoint layouts defined by compressed-tensors 0.14, read and written by llmprune.
+
+Two layouts, one per checkpoint (named in config.json → quantization_config → sparsity_config → format):
+
+- ``sparse-bitmask``: for a weight W [rows, cols] saved under module path P:
+  ``P.shape`` int64 [2]; ``P.compressed`` the kept values, row-major, 1-D in W's dtype;
+  ``P.bitmask`` uint8 [rows, ceil(cols / 8)], bit j of byte k (little-endian bit order) flags element
+  8k + j of the row as kept; ``P.row_offsets`` int64 [rows], the index in ``compressed`` where each row
+  starts.
+- ``sparse-24-bitmask`` (2:4 weights): ``P.shape`` int64 [2, 1]; ``P.compressed`` [rows, cols / 2],
+  exactly two values per group of four inputs (a zero is kept where a group holds fewer than two
+  non-zeros); ``P.bitmask`` as above.
+
+Values are selected by their bit pattern (so -0.0 is kept as a value) and written back into zeros, which
+makes compress → decompress bitwise exact for every dtype. compressed-tensors removed these
+compressors in 0.15 (2026); this module is the reader and writer llmprune owns.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llmprune.errors import LlmpruneError
+
+BITMASK = "sparse-bitmask"
+SPARSE24 = "sparse-24-bitmask"
+DENSE = "dense"
+FORMATS = (DENSE, BITMASK, SPARSE24)
+PARAMS = {BITMASK: ("shape", "compressed", "bitmask", "row_offsets"), SPARSE24: ("shape", "compressed", "bitmask")}
+COMPRESSED_TENSORS_VERSION = "0.14.0.1"  # the layout version we write, for readers that check it
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32))
+
+
+def _nonzero_bits(W: Tensor) -> Tensor:
+    """True where the element's bit pattern is not all zero (-0.0 counts as a value)."""
+    return W.view(_INT_VIEW[W.element_size()]) != 0 if W.is_floating_point() else W != 0
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool [rows, cols] → uint8 [rows, ceil(cols / 8)], little-endian bit order within each byte."""
+    rows, cols = mask.shape
+    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.int32, device=mask.device)
+    padded[:, :cols] = mask
+    return (padded.view(rows, -1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, cols: int) -> Tensor:
+    """uint8 [rows, ceil(cols / 8)] → bool [rows, cols]."""
+    rows = packed.shape[0]
+    bits = (packed.to(torch.int32).unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    return bits.view(rows, -1)[:, :cols]
+
+
+def compress_bitmask(W: Tensor) -> dict[str, Tensor]:
+    if W.dim() != 2:
+        raise ValueError(f"sparse-bitmask stores 2-D weights; got shape {tuple(W.shape)}")
+    W = W.contiguous()
+    mask = _nonzero_bits(W)
+    counts = mask.sum(dim=1)
+    return {"shape": torch.tensor(list(W.shape), dtype=torch.int64), "compressed": W[mask],
+            "bitmask": pack_bits(mask), "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
+
+
+def compress_24(W: Tensor) -> dict[str, Tensor]:
+    """Raises ValueError where a group of four inputs holds more than two non-zeros."""
+    if W.dim() != 2 or W.shape[1] % 4:
+        raise ValueError(f"sparse-24-bitmask needs a 2-D weight with a multiple of 4 inputs; got shape {tuple(W.shape)}")
+    W = W.contiguous()
+    rows, cols = W.shape
+    nonzero = _nonzero_bits(W).view(rows, cols // 4, 4)
+    if bool((nonzero.sum(-1) > 2).any()):
+        raise ValueError("weight is not 2:4 sparse (a group of 4 inputs holds more than 2 non-zeros)")
+    # keep the non-zeros, then the first zeros of the group, so every group keeps exactly two
+    priority = nonzero.to(torch.int8) * 4 + torch.arange(3, -1, -1, dtype=torch.int8)
+    keep = torch.zeros_like(nonzero).scatter_(-1, priority.topk(2, dim=-1).indices, True).view(rows, cols)
+    return {"shape": torch.tensor([[rows], [cols]], dtype=torch.int64), "compressed": W[keep].view(rows, cols // 2),
+            "bitmask": pack_bits(keep)}
+
+
+def decompress(fmt: str, data: dict[str, Tensor], name: str = "weight") -> Tensor:
+    """Dense weight from its stored parts; checks that the parts agree with one another."""
+    shape = [int(v) for v in data["shape"].flatten().tolist()]
+    if len(shape) != 2 or min(shape) < 0:
+        raise LlmpruneError(f"{name}: stored shape {shape} is not a 2-D shape; the checkpoint is corrupted.")
+    rows, cols = shape
+    bitmask, values = data["bitmask"], data["compressed"]
+    if tuple(bitmask.shape) != (rows, -(-cols // 8)) or bitmask.dtype not in (torch.uint8, torch.int8):
+        raise LlmpruneError(f"{name}: bitmask of shape {tuple(bitmask.shape)} does not fit a {rows}×{cols} weight; the checkpoint is corrupted.")
+    mask = unpack_bits(bitmask.view(torch.uint8), cols)
+    kept = int(mask.sum())
+    if kept != values.numel():
+        raise LlmpruneError(f"{name}: the bitmask flags {kept} values but {values.numel()} are stored; the checkpoint is corrupted.")
+    if fmt == SPARSE24 and kept != rows * cols // 2:
+        raise LlmpruneError(f"{name}: a 2:4 weight must keep half its values, this one keeps {kept} of {rows * cols}; the checkpoint is corrupted.")
+    if fmt == BITMASK and "row_offsets" in data:
+        counts = mask.sum(dim=1)
+        if not torch.equal(data["row_offsets"].to(torch.int64).flatten(), torch.cumsum(counts, 0) - counts):
+            raise LlmpruneError(f"{name}: row_offsets disagree with the bitmask; the checkpoint is corrupted.")
+    W = torch.zeros(rows, cols, dtype=values.dtype)
+    W[mask] = values.flatten()
+    return W
+
+
+def compress(fmt: str, W: Tensor) -> dict[str, Tensor]:
+    if fmt == BITMASK:
+        return compress_bitmask(W)
+    if fmt == SPARSE24:
+        return compress_24(W)
+    raise ValueError(f"unknown sparse format {fmt}")
+
+
+def stored_bytes(parts: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+# ---- config.json --------------------------------------------------------------------------------------
+
+
+def sparsity_config(fmt: str, *, global_sparsity: float, structure: str, ignore: list[str]) -> dict:
+    """The quantization_config block compressed-tensors 0.14 writes for a sparse-only checkpoint."""
+    return {
+        "version": COMPRESSED_TENSORS_VERSION,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {"format": fmt, "targets": ["Linear"], "ignore": sorted(ignore),
+                            "global_sparsity": global_sparsity, "sparsity_structure": structure},
+        "transform_config": {},
+    }
+
+
+def choose_format(weights: dict[str, Tensor]) -> str:
+    """sparse-24-bitmask when every weight is 2:4, else sparse-bitmask."""
+    for W in weights.values():
+        if W.dim() != 2 or W.shape[1] % 4 or bool((_nonzero_bits(W).view(W.shape[0], -1, 4).sum(-1) > 2).any()):
+            return BITMASK
+    return SPARSE24
