@@ -238,3 +238,12 @@ def test_wikitext_mc_example_task_builds():
     for doc in docs[:50]:
         assert len(set(doc["choices"])) == 4 and 0 <= doc["label"] < 4
         assert len(doc["context"].split()) == 10
+
+
+def test_prune_never_imports_lm_eval():
+    code = ("import sys; from typer.testing import CliRunner; from llmprune.cli.app import app; "
+            "r = CliRunner().invoke(app, ['prune', '--help']); assert r.exit_code == 0; "
+            "import llmprune.api, llmprune.calibrate, llmprune.checkpoint; print('lm_eval' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
