@@ -22,6 +22,8 @@ def convert(
     out: str = typer.Option(..., "--out", "-o", help="Output directory (written only when complete)."),
     format: str = typer.Option(..., "--format", help="dense or compressed."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):
@@ -29,7 +31,8 @@ def convert(
     setup_logging(verbose, quiet=json_output)
     from llmprune.checkpoint import convert as run_convert
 
-    result = run_convert(directory, out, fmt=format, overwrite=overwrite)
+    result = run_convert(directory, out, fmt=format, overwrite=overwrite, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code)
     if json_output:
         print_json(result)
     else:

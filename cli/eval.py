@@ -39,6 +39,8 @@ def eval_command(
     batch_size: int = typer.Option(1, help="Windows per forward call, and lm-eval's batch size."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run."),
     json_output: bool = typer.Option(False, "--json", help="Print every number as JSON on stdout."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not write the results into each llmprune output's llmprune.json."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -58,7 +60,7 @@ def eval_command(
     result = evaluate(models or [None], baseline=baseline, ppl=ppl, seqlen=seqlen, max_windows=max_windows,
                       start=start, batch_size=batch_size, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                       tasks_dir=tasks_dir, device=device, dtype=None if dtype == "auto" else dtype,
-                      record=not no_record)
+                      record=not no_record, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if json_output:
         print_json(result)
     else:

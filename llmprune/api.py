@@ -153,6 +153,8 @@ def evaluate(
     device: str | torch.device | None = "auto",
     dtype: str | None = None,
     record: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate models (and a dense baseline) on perplexity, divergence from the baseline and lm-eval tasks.
 
@@ -178,14 +180,14 @@ def evaluate(
     base_entry = None
     base_model = base_tok = None
     if baseline is not None:
-        base_model, base_tok, _ = checkpoint.load_model(baseline, dtype=dtype)
+        base_model, base_tok, _ = checkpoint.load_model(baseline, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         base_model.to(compute)
         base_entry = {"model": baseline, "role": "baseline"}
         result["models"].append(base_entry)
 
     tokens_cache: dict[int, torch.Tensor] = {}
     for spec in model_specs:
-        model, tokenizer, source = checkpoint.load_model(spec, dtype=dtype)
+        model, tokenizer, source = checkpoint.load_model(spec, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         name = spec or "smollm2"
         if base_tok is not None:
             _check_same_tokenizer(tokenizer, base_tok, name, baseline)

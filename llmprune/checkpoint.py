@@ -82,7 +82,8 @@ def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwr
     return save(model, tokenizer, out, report=report, fmt="dense", overwrite=overwrite)
 
 
-def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, overwrite: bool = False) -> dict:
+def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, overwrite: bool = False,
+            allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Copy a checkpoint into the other layout; every weight keeps its exact bits."""
     from llmprune import models
 
@@ -92,7 +93,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
         raise LlmpruneError(f"'{directory}' is not a directory; pass a model directory.")
     if out is not None and Path(out).expanduser().resolve() == source.resolve():
         raise LlmpruneError("--out must differ from the source directory; conversion never rewrites its input.")
-    model, tokenizer, _ = load_model(str(source))
+    model, tokenizer, _ = load_model(str(source), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report_path = source / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     targets = None
@@ -205,6 +206,7 @@ def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
         else:
             out[key] = value
     for prefix, parts in groups.items():
+        prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
         missing = [p for p in ("shape", "compressed", "bitmask") if p not in parts]
         if missing:
             raise LlmpruneError(f"{prefix}: compressed weight lacks {', '.join(missing)}; the checkpoint is corrupted.")
@@ -288,22 +290,19 @@ def load_compressed(directory: str | Path, fmt: str, *, dtype=None):
         with no_init_weights():  # every weight comes from the checkpoint: skip the random init
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
     except (ValueError, RuntimeError, KeyError) as exc:
         raise LlmpruneError(f"could not build the model of {directory} from its weights ({_first_line(exc)}).") from None
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
-    missing = [k for k in missing if k not in tied and not _is_tied_copy(model, k)]
+    # assign=True replaced the input embedding's Parameter, which breaks a tied lm_head: tie it again
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    out_key = next((n + ".weight" for n, m in model.named_modules() if m is output), None)
+    if tied and output is not None and inputs is not None:
+        output.weight = inputs.weight
+        missing = [k for k in missing if k != out_key]
     if missing or unexpected:
         raise LlmpruneError(f"the weights of {directory} do not fit its config (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}); the checkpoint is incomplete or corrupted.")
     return model.eval()
-
-
-def _is_tied_copy(model, key: str) -> bool:
-    """True when `key` names a parameter that shares its storage with another, loaded one (tied embeddings)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    p = params.get(key)
-    return p is not None and any(q is p for name, q in params.items() if name != key)
 
 
 def load_model(spec: str | None, *, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
@@ -384,6 +383,7 @@ def describe(directory: str | Path) -> dict:
         except (SafetensorError, OSError) as exc:
             raise LlmpruneError(f"could not read {file.name} ({_first_line(exc)}); the file is truncated or corrupted.") from None
     for prefix, parts in groups.items():
+        prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
         W = formats.decompress(fmt, parts, prefix)
         linears[prefix] = _entry(prefix, W, formats.stored_bytes(parts), pattern)
     if not linears:

@@ -187,6 +187,11 @@ def test_pickle_weights_need_allow_pickle(tmp_path, text_file):
     assert list(source.glob("*.bin"))
     assert_user_error(run("prune", source, "--method", "magnitude", "--out", tmp_path / "o"), "pickle", "--allow-pickle")
     assert not (tmp_path / "o").exists()
+    assert_user_error(run("convert", source, "--format", "compressed", "--out", tmp_path / "o"), "--allow-pickle")
+    assert_user_error(run("eval", source, "--ppl", text_file, "--seqlen", 32, "--max-windows", 1), "--allow-pickle")
+    allowed = run("convert", source, "--format", "dense", "--out", tmp_path / "o", "--allow-pickle")
+    assert allowed.exit_code == 0, allowed.output
+    assert list((tmp_path / "o").glob("*.safetensors"))
 
 
 class FakeHub:
