@@ -30,6 +30,11 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+# Options every command that loads a model shares (one definition, one help text).
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run.")
+
+
 def fail(message: str) -> "typer.Exit":
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)

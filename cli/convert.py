@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import print_json, setup_logging, user_errors
+from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -22,8 +22,8 @@ def convert(
     out: str = typer.Option(..., "--out", "-o", help="Output directory (written only when complete)."),
     format: str = typer.Option(..., "--format", help="dense or compressed."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):

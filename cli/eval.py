@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import print_json, setup_logging, user_errors
+from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -39,8 +39,8 @@ def eval_command(
     batch_size: int = typer.Option(1, help="Windows per forward call, and lm-eval's batch size."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = typer.Option(False, "--json", help="Print every number as JSON on stdout."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not write the results into each llmprune output's llmprune.json."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import print_json, setup_logging, user_errors
+from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -38,8 +38,8 @@ def prune(
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
     format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):

@@ -185,7 +185,7 @@ def evaluate(
         base_entry = {"model": baseline, "role": "baseline"}
         result["models"].append(base_entry)
 
-    tokens_cache: dict[int, torch.Tensor] = {}
+    tokens = None
     for spec in model_specs:
         model, tokenizer, source = checkpoint.load_model(spec, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         name = spec or "smollm2"
@@ -196,12 +196,8 @@ def evaluate(
         record_entry: dict = {}
         if ppl:
             used = _cap_seqlen(seqlen, [m for m in (model, base_model) if m is not None])
-            key = id(base_tok) if base_tok is not None else len(tokens_cache)
-            tokens = tokens_cache.get(key)
-            if tokens is None:
+            if tokens is None or base_tok is None:  # with a baseline every model shares its tokenizer
                 tokens = data.eval_tokens(ppl, tokenizer, seqlen=used)
-                if base_tok is not None:
-                    tokens_cache[key] = tokens
             scores = ev.perplexity(model, tokens, seqlen=used, max_windows=max_windows, start=start,
                                 batch_size=batch_size, device=compute, baseline=base_model, desc=f"perplexity {name}")
             result["seqlen"], result["windows"] = used, scores["windows"]

@@ -118,8 +118,6 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False, revision
         from huggingface_hub import HfApi
 
         api = HfApi(token=resolve_token(token))
-    elif token:
-        resolve_token(token)
     from huggingface_hub import CommitOperationAdd
 
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
