@@ -148,7 +148,7 @@ def _prune_linear(solver: Solver, name: str, module: nn.Module, sparsity: float,
 
 def _apply(name: str, module: nn.Module, W_new: Tensor, target: float, seconds: float, leader: str | None) -> LinearResult:
     set_weight_(module, W_new)
-    zeros = int((W_new == 0).sum())
+    zeros = W_new.numel() - int(torch.count_nonzero(W_new))
     return LinearResult(name, tuple(W_new.shape), zeros / W_new.numel(), target, seconds, leader)
 
 

