@@ -77,7 +77,9 @@ def render(result: dict) -> None:
                           f"{', '.join(result['pattern_failures'][:5])}[/red]")
     if result.get("recipe"):
         r = result["recipe"]
-        console.print(f"recipe: {r.get('method')} · sparsity {r.get('sparsity')} · {r.get('pattern')} · calibration "
+        extras = "".join([f" · OWL (M={r.get('owl_m')}, λ={r.get('owl_lambda')})" if r.get("allocation") == "owl" else "",
+                          f" · DSnoT ({r.get('dsnot_cycles')} cycles)" if r.get("refine") == "dsnot" else ""])
+        console.print(f"recipe: {r.get('method')} · sparsity {r.get('sparsity')} · {r.get('pattern')}{extras} · calibration "
                       f"{r.get('nsamples')}×{r.get('seqlen')} of {r.get('calibration')} · seed {r.get('seed')}")
     if result.get("versions"):
         console.print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))

@@ -15,6 +15,10 @@ Examples:
 
   llmprune prune meta-llama/Llama-3.2-1B --method wanda --sparsity 0.5 --out llama-wanda50
 
+  llmprune prune smollm2 --method wanda --sparsity 0.7 --allocation owl --refine dsnot --out m70
+
+  llmprune prune smollm2 --recipe owl-dsnot-70 --calib wikitext2-valid --out m70   # a shipped recipe, one field changed
+
   llmprune prune ./model.gguf --method magnitude --pattern 4:8 --ignore 'mlp\\.down_proj' --out m48
 """
 
@@ -24,15 +28,23 @@ Examples:
 def prune(
     model: Optional[str] = typer.Argument(None, help="Hub id, local model directory, .gguf file, or 'smollm2' (default: the bundled SmolLM2-135M-Instruct)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (written only when complete)."),
-    method: str = typer.Option("sparsegpt", help="magnitude, wanda or sparsegpt."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe file, or the name of a shipped one (sparsegpt-2of4, owl-dsnot-70, ...). Flags below override its fields."),
+    method: Optional[str] = typer.Option(None, help="magnitude, wanda or sparsegpt. [default: sparsegpt]"),
     sparsity: Optional[float] = typer.Option(None, help="Fraction of weights to prune, in [0, 1). Default 0.5; N:M patterns imply 1 - N/M."),
-    pattern: str = typer.Option("unstructured", help="'unstructured' or N:M (at most N non-zeros in every M consecutive inputs), e.g. 2:4, 4:8."),
-    calib: str = typer.Option("c4", "--calib", help="Calibration text: c4, wikitext2 (Hub), wikitext2-valid (bundled, offline), PATH.txt or PATH.jsonl."),
-    nsamples: int = typer.Option(128, help="Calibration windows."),
-    seqlen: int = typer.Option(2048, help="Tokens per calibration window (capped at the model's max positions)."),
-    seed: int = typer.Option(0, help="Seed of the window sampling."),
+    pattern: Optional[str] = typer.Option(None, help="'unstructured' or N:M (at most N non-zeros in every M consecutive inputs), e.g. 2:4, 4:8. [default: unstructured]"),
+    allocation: Optional[str] = typer.Option(None, help="uniform (every linear at --sparsity) or owl (per-block sparsity from outlier ratios, within ±λ, same overall sparsity; unstructured only). [default: uniform]"),
+    owl_m: Optional[float] = typer.Option(None, "--owl-m", help="OWL outlier threshold: a score above M × its block's mean. [default: 5]"),
+    owl_lambda: Optional[float] = typer.Option(None, "--owl-lambda", help="OWL: block sparsities stay within ±λ of the target. [default: 0.08]"),
+    refine: Optional[str] = typer.Option(None, help="none, or dsnot: prune-and-grow on each linear's mask; a row is kept refined only where its output error drops. [default: none]"),
+    dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: most swap cycles per linear. [default: 50]"),
+    dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected output shift is below this. [default: 0.1]"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: c4, wikitext2 (Hub), wikitext2-valid (bundled, offline), PATH.txt or PATH.jsonl. [default: c4]"),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped at the model's max positions). [default: 2048]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of the window sampling. [default: 0]"),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="Regex on full linear names to prune (repeatable); default every linear of every decoder block."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Regex on full linear names to leave dense (repeatable). lm_head and embeddings are never pruned."),
-    sequential: bool = typer.Option(True, "--sequential/--two-pass", help="One pass per block, each linear calibrated on pruned upstream outputs (default), or the reference scripts' dense-statistics pass plus a propagation pass."),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--two-pass", help="One pass per block, each linear calibrated on pruned upstream outputs (default), or the reference scripts' dense-statistics pass plus a propagation pass."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (the model's own), float32, float16 or bfloat16; also the saved dtype."),
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
@@ -43,14 +55,20 @@ def prune(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ):
-    """Prune MODEL layer by layer and save the pruned checkpoint (safetensors, zeros where pruned)."""
+    """Prune MODEL layer by layer and save the pruned checkpoint (safetensors; the recipe used goes beside it)."""
     setup_logging(verbose, quiet=json_output)
     from llmprune.api import prune as run_prune
+    from llmprune.recipe import Recipe, load_recipe
 
+    given = {"method": method, "sparsity": sparsity, "pattern": pattern, "allocation": allocation, "owl_m": owl_m,
+             "owl_lambda": owl_lambda, "refine": refine, "dsnot_cycles": dsnot_cycles, "dsnot_threshold": dsnot_threshold,
+             "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
+             "targets": tuple(target) if target else None, "ignore": tuple(ignore) if ignore else None}
+    given = {k: v for k, v in given.items() if v is not None}
+    chosen = load_recipe(recipe).override(**given) if recipe else Recipe.create(**given)
     _, report = run_prune(
-        model, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
-        microbatch=microbatch, format=format, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, method=method, sparsity=sparsity, pattern=pattern, calibration=calib,
-        nsamples=nsamples, seqlen=seqlen, seed=seed, ignore=tuple(ignore or ()), sequential=sequential,
+        model, recipe=chosen, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
+        microbatch=microbatch, format=format, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )
     if json_output:
         print_json(report)
@@ -72,6 +90,18 @@ def _render(report: dict) -> None:
         table.add_row(row["name"], "×".join(map(str, row["shape"])), f"{row['sparsity']:.2%}", f"{row['seconds']:.2f}")
     console = Console()
     console.print(table)
+    allocated = report.get("allocation")
+    if allocated:
+        console.print(f"OWL (M={allocated['m']:g}, λ={allocated['lambda']:g}) block sparsities: "
+                      + " ".join(f"{v:.3f}" for v in allocated["block_sparsity"]))
+    refined = [row["refine"] for row in report["linears"] if row.get("refine")]
+    if refined:
+        before = sum(r["error_before"] for r in refined)
+        after = sum(r["error_after"] for r in refined)
+        rows = sum(r["rows_refined"] for r in refined)
+        total_rows = sum(r["rows"] for r in refined)
+        console.print(f"DSnoT kept {rows} of {total_rows} rows refined ({sum(r['swaps'] for r in refined)} swaps); "
+                      f"summed output error on the calibration data {after / before if before else 1:.4f}× the solver's")
     t = report["timings"]
     calibration = (f"calibration {recipe['nsamples']} × {report['seqlen_used']} tokens of {recipe['calibration']}"
                    if "data_s" in t else "no calibration data needed")

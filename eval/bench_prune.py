@@ -10,6 +10,11 @@ running the `lib/` folder of the DSnoT paper's repository.
 
     python eval/bench_prune.py --text ../shared/data/wikitext2/valid.txt \
         [--reference /tmp/ref --harness ../shared/anchors/reference_harness.py] [--runs wanda:unstructured,...]
+
+Runs are METHOD:PATTERN[@SPARSITY][+two-pass][+owl][+dsnot]; `--grid wanda,sparsegpt` gives the high-sparsity
+table of the README (each method at 50/60/70% × uniform/OWL × without/with DSnoT). Reference runs exist for
+uniform allocation only (the harness carries no OWL); reference DSnoT leaves the MLP linears to the initial
+method unless --ref-dsnot-every-linear.
 """
 from __future__ import annotations
 
@@ -58,6 +63,13 @@ def machine() -> dict:
             "python": platform.python_version(), "git": git}
 
 
+def grid(methods: str) -> list[str]:
+    """The high-sparsity table's runs: method × {50, 60, 70%} × {uniform, owl} × {none, dsnot}."""
+    return [f"{method}:unstructured@{level}" + extra
+            for method in methods.split(",") for level in ("0.5", "0.6", "0.7")
+            for extra in ("", "+dsnot", "+owl", "+owl+dsnot")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", required=True, help="WikiText-2 valid.txt (or any text)")
@@ -70,6 +82,10 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra flags for llmprune prune, e.g. '--two-pass'")
     ap.add_argument("--reference", help="folder holding the DSnoT repository's lib/ (enables the reference runs)")
     ap.add_argument("--harness", default=str(Path(__file__).resolve().parents[1].parent / "shared/anchors/reference_harness.py"))
+    ap.add_argument("--grid", help="the high-sparsity table: comma-separated methods, e.g. wanda,sparsegpt; runs each at "
+                    "50/60/70%% × {uniform, owl} × {none, dsnot} (replaces --runs)")
+    ap.add_argument("--ref-dsnot-every-linear", action="store_true",
+                    help="reference DSnoT on every linear (its default leaves the MLP linears to the initial method)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -87,30 +103,44 @@ def main() -> None:
 
     exe = [sys.executable, "-m", "llmprune"]
     results = []
-    for run in args.runs.split(","):
-        run, _, schedule = run.partition("+")  # e.g. wanda:2:4+two-pass
+    runs = grid(args.grid) if args.grid else args.runs.split(",")
+    for run in runs:
+        run, *options = run.split("+")  # e.g. wanda:2:4+two-pass, wanda:unstructured@0.7+owl+dsnot
+        run, _, level = run.partition("@")
         method, pattern = run.split(":", 1)
-        row = {"method": method, "pattern": pattern, "schedule": schedule or "sequential"}
+        unknown = set(options) - {"two-pass", "owl", "dsnot"}
+        if unknown:
+            raise SystemExit(f"unknown run option(s) {sorted(unknown)}; use two-pass, owl, dsnot")
+        schedule = "two-pass" if "two-pass" in options else ""
+        sparsity = float(level) if level else 0.5
+        row = {"method": method, "pattern": pattern, "sparsity_target": sparsity, "schedule": schedule or "sequential",
+               "allocation": "owl" if "owl" in options else "uniform", "refine": "dsnot" if "dsnot" in options else "none"}
         if method == "dense":
             _, _, out = run_measured([*exe, "eval", args.model, "--ppl", str(held_out), "--seqlen", str(args.seqlen),
                                       "--max-windows", str(args.neval), "--json", "--device", "cpu"])
             row["ppl"] = json.loads(out)["models"][0]["ppl"]
         else:
-            out_dir = work / f"{method}-{pattern.replace(':', 'of')}-{schedule or 'sequential'}"
+            out_dir = work / "-".join([method, pattern.replace(":", "of"), f"{sparsity:g}", *options])
             cmd = [*exe, "prune", args.model, "--method", method, "--pattern", pattern, "--calib", str(calib),
                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out_dir), "--json",
-                   "--device", "cpu", *args.extra.split(), *(["--two-pass"] if schedule == "two-pass" else [])]
+                   "--device", "cpu", *args.extra.split(), *(["--two-pass"] if schedule == "two-pass" else []),
+                   *(["--sparsity", str(sparsity)] if pattern == "unstructured" else []),
+                   "--allocation", row["allocation"], "--refine", row["refine"]]
             seconds, rss, out = run_measured(cmd)
             report = json.loads(out)
             _, _, out = run_measured([*exe, "eval", str(out_dir), "--ppl", str(held_out), "--seqlen", str(args.seqlen),
                                       "--max-windows", str(args.neval), "--json", "--device", "cpu"])
+            refined = [r["refine"] for r in report["linears"] if r.get("refine")]
             row.update(ppl=json.loads(out)["models"][0]["ppl"], command_s=seconds, prune_s=report["timings"]["prune_s"],
                        peak_rss_mib=rss, sparsity=report["sparsity"])
-        if args.reference and schedule != "two-pass":
-            ref_method = "dense" if method == "dense" else method
+            if refined:
+                row["dsnot_rows_refined"] = sum(r["rows_refined"] for r in refined) / sum(r["rows"] for r in refined)
+        if args.reference and schedule != "two-pass" and row["allocation"] == "uniform":
+            ref_method = "dense" if method == "dense" else ("dsnot" if row["refine"] == "dsnot" else method)
             cmd = [sys.executable, args.harness, args.reference, ref_method, pattern if pattern != "-" else "unstructured",
-                   "--model", hf_dir, "--calib-file", str(calib), "--eval-file", str(held_out),
-                   "--ns", str(args.nsamples), "--seq", str(args.seqlen), "--ne", str(args.neval)]
+                   "--model", hf_dir, "--calib-file", str(calib), "--eval-file", str(held_out), "--sparsity", str(sparsity),
+                   "--ns", str(args.nsamples), "--seq", str(args.seqlen), "--ne", str(args.neval), "--init", method,
+                   *(["--skip-layer", "no_skip"] if args.ref_dsnot_every_linear else [])]
             _, rss, out = run_measured(cmd)
             ref = json.loads(out.strip().splitlines()[-1])
             row.update(ref_ppl=ref["ppl"], ref_prune_s=ref["prune_s"], ref_peak_rss_mib=rss)
@@ -121,12 +151,14 @@ def main() -> None:
             "results": results}
     print()
     print(f"machine: {info['machine']}")
-    print(f"{'method':<10} {'pattern':<13} {'schedule':<10} {'ppl':>9} {'ref ppl':>9} {'Δppl':>7} {'cmd s':>7} {'prune s':>8} {'ref s':>7} {'ratio':>6} {'RSS MiB':>8}")
+    print(f"{'method':<10} {'pattern':<13} {'target':>6} {'alloc':<7} {'refine':<6} {'schedule':<10} {'ppl':>9} {'ref ppl':>9} "
+          f"{'Δppl':>7} {'cmd s':>7} {'prune s':>8} {'ref s':>7} {'ratio':>6} {'RSS MiB':>8}")
     for r in results:
         ref_ppl, ref_s = r.get("ref_ppl"), r.get("ref_prune_s")
         delta = f"{(r['ppl'] / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
         ratio = f"{r['command_s'] / ref_s:.2f}" if ref_s and "command_s" in r else ""
-        print(f"{r['method']:<10} {r['pattern']:<13} {r['schedule']:<10} {r['ppl']:>9.2f} {ref_ppl or '':>9} {delta:>7} "
+        print(f"{r['method']:<10} {r['pattern']:<13} {r['sparsity_target']:>6g} {r['allocation']:<7} {r['refine']:<6} "
+              f"{r['schedule']:<10} {r['ppl']:>9.2f} {ref_ppl or '':>9} {delta:>7} "
               f"{r.get('command_s', 0):>7.1f} {r.get('prune_s', 0):>8.1f} {ref_s or '':>7} {ratio:>6} {r.get('peak_rss_mib', 0):>8.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")

@@ -13,7 +13,7 @@ from torch import nn
 
 from llmprune import calibrate, checkpoint, data, models
 from llmprune.errors import LlmpruneError
-from llmprune.recipe import Recipe
+from llmprune.recipe import RECIPE_FILE, Recipe
 from llmprune.solvers import needs_data
 
 log = logging.getLogger(__name__)
@@ -96,19 +96,29 @@ def prune(
         log.warning("--seqlen %d exceeds the model's max positions; using %d", seqlen, limit)
         seqlen = limit
 
+    refine = recipe.dsnot
     windows = None
-    if needs_data(recipe.method):
+    if needs_data(recipe.method, refine) or recipe.allocation == "owl":
         if tokenizer is None:
-            raise LlmpruneError(f"method {recipe.method} needs calibration text, so pass the model's tokenizer too.")
+            raise LlmpruneError(f"this recipe ({recipe.method}, {recipe.allocation}, refine {recipe.refine}) needs calibration text, "
+                                "so pass the model's tokenizer too.")
         t0 = time.perf_counter()
         windows = data.calibration_windows(recipe.calibration, tokenizer, nsamples=recipe.nsamples,
                                            seqlen=seqlen, seed=recipe.seed)
         timings["data_s"] = time.perf_counter() - t0
 
+    allocated = None
+    if recipe.allocation == "owl":
+        t0 = time.perf_counter()
+        allocated = _owl(model, windows, recipe, microbatch, compute)
+        timings["allocation_s"] = time.perf_counter() - t0
+    sparsity_of = _sparsity_of(model, recipe, allocated["block_sparsity"] if allocated else None)
+
     t0 = time.perf_counter()
     results = calibrate.prune_model(
-        model, windows, method=recipe.method, sparsity=recipe.sparsity, pattern=recipe.parsed_pattern,
-        ignore=recipe.ignore, sequential=recipe.sequential, microbatch=microbatch, device=compute,
+        model, windows, method=recipe.method, sparsity=sparsity_of, pattern=recipe.parsed_pattern,
+        ignore=recipe.ignore, targets=recipe.targets, sequential=recipe.sequential, microbatch=microbatch,
+        device=compute, refine=refine,
     )
     timings["prune_s"] = time.perf_counter() - t0
 
@@ -123,6 +133,7 @@ def prune(
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(compute),
         "sparsity": zeros / total,
+        "allocation": allocated,
         "linears": [asdict(r) for r in results],
         "timings": timings,
         "versions": versions(),
@@ -131,10 +142,42 @@ def prune(
         t0 = time.perf_counter()
         report["output"] = str(target)
         checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
-                        targets={r.name for r in results if r.sparsity > 0})
+                        targets={r.name for r in results if r.sparsity > 0},
+                        files={RECIPE_FILE: recipe.to_yaml("the recipe this checkpoint was pruned with; "
+                                                           "`llmprune prune MODEL --recipe recipe.yaml` reproduces its masks")})
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     return model, report
+
+
+def _owl(model, windows, recipe: Recipe, microbatch: int | None, device) -> dict:
+    """OWL's per-block sparsities from the dense model's outlier ratios."""
+    from llmprune import allocation
+
+    ratios, sizes = calibrate.outlier_ratios(model, windows, m=recipe.owl_m, ignore=recipe.ignore, targets=recipe.targets,
+                                             microbatch=microbatch, device=device)
+    live = [i for i, size in enumerate(sizes) if size]
+    chosen = allocation.owl([ratios[i] for i in live], recipe.sparsity, lam=recipe.owl_lambda, weights=[sizes[i] for i in live])
+    block_sparsity = [0.0] * len(sizes)
+    for i, value in zip(live, chosen):
+        block_sparsity[i] = value
+    log.info("OWL block sparsities: %s", ", ".join(f"{v:.3f}" for v in block_sparsity))
+    return {"method": "owl", "m": recipe.owl_m, "lambda": recipe.owl_lambda, "outlier_ratios": ratios,
+            "block_sparsity": block_sparsity}
+
+
+def _sparsity_of(model, recipe: Recipe, block_sparsity: list[float] | None):
+    """The sparsity of each linear by full name: an override, else its block's allocation, else the target."""
+    blocks_name, _ = models.find_blocks(model)
+
+    def sparsity_of(name: str) -> float:
+        value = recipe.sparsity_override(name)
+        if value is not None:
+            return value
+        if block_sparsity is None:
+            return recipe.sparsity
+        return block_sparsity[int(name[len(blocks_name) + 1:].split(".", 1)[0])]
+    return sparsity_of
 
 
 def evaluate(

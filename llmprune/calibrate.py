@@ -42,6 +42,7 @@ class LinearResult:
     target: float
     seconds: float
     shares_statistics_with: str | None = None
+    refine: dict | None = None  # what DSnoT changed: rows refined, swaps, output error before and after
 
 
 @dataclass
@@ -66,30 +67,32 @@ def prune_model(
     sparsity: float | Callable[[str], float],
     pattern: Pattern,
     ignore: tuple[str, ...] = (),
+    targets: tuple[str, ...] = (),
     sequential: bool = True,
     microbatch: int | None = None,
     device: torch.device | str = "cpu",
+    refine=None,
 ) -> list[LinearResult]:
     """Prune every target linear of every decoder block in place; returns one result per linear.
 
     windows: [nsamples, seqlen] token ids (None for methods that need no data). sparsity may be a
-    function of the linear's full name (per-layer allocation).
+    function of the linear's full name (per-layer allocation). refine: a DSnoTConfig to run DSnoT
+    after the solver on every linear.
     """
     device = torch.device(device)
     sparsity_of = sparsity if callable(sparsity) else (lambda name, s=sparsity: s)
     blocks_name, blocks = find_blocks(model)
-    if not any(find_linears(block, f"{blocks_name}.{i}", ignore) for i, block in enumerate(blocks)):
-        raise LlmpruneError(f"no linear layer is left to prune: the ignore patterns {list(ignore)} match them all; loosen --ignore.")
+    _check_some_target(blocks_name, blocks, ignore, targets)
     results: list[LinearResult] = []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(blocks), desc="pruning", unit="block", disable=None, dynamic_ncols=True)
     with torch.no_grad():
-        if not needs_data(method):
+        if not needs_data(method, refine):
             for i, block in enumerate(blocks):
                 bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: {method}")
                 started = time.perf_counter()
-                linears = find_linears(block, f"{blocks_name}.{i}", ignore)
+                linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
                 for name, module in linears.items():
                     results.append(_prune_linear(make_solver(method, in_features(module), device), name, module,
                                                  sparsity_of(name), pattern, None))
@@ -108,7 +111,7 @@ def prune_model(
             on_device = _to_device(block, device)
             prefix = f"{blocks_name}.{i}."
             predicted = {prefix + leader: [prefix + n for n in names] for leader, names in shared.items()}
-            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore), method, sparsity_of, pattern, device, predicted)
+            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets), method, sparsity_of, pattern, device, predicted, refine)
             last = i == len(blocks) - 1
             if sequential:
                 outputs = _run_lockstep(on_device, i, captured, pruner)
@@ -139,6 +142,65 @@ def prune_model(
     return results
 
 
+def _check_some_target(blocks_name: str, blocks, ignore: tuple[str, ...], targets: tuple[str, ...]) -> None:
+    if not any(find_linears(block, f"{blocks_name}.{i}", ignore, targets) for i, block in enumerate(blocks)):
+        if targets:
+            raise LlmpruneError(f"no linear layer is left to prune: targets {list(targets)} less ignore {list(ignore)} "
+                                f"match none of {blocks_name}.*; fix the regexes.")
+        raise LlmpruneError(f"no linear layer is left to prune: the ignore patterns {list(ignore)} match them all; loosen --ignore.")
+
+
+def outlier_ratios(
+    model: nn.Module,
+    windows: Tensor,
+    *,
+    m: float,
+    ignore: tuple[str, ...] = (),
+    targets: tuple[str, ...] = (),
+    microbatch: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[float], list[int]]:
+    """OWL's statistics of the dense model: each block's outlier ratio of Wanda scores, and its number of
+    prunable weights. One forward pass through the dense blocks."""
+    from llmprune.allocation import outlier_ratio
+
+    device = torch.device(device)
+    blocks_name, blocks = find_blocks(model)
+    _check_some_target(blocks_name, blocks, ignore, targets)
+    microbatch = microbatch or default_microbatch(windows.shape[1])
+    ratios, sizes = [], []
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        captured = [_capture(model, blocks, chunk.to(device), device) for chunk in windows.split(microbatch)]
+        for i, block in enumerate(tqdm(blocks, desc="outlier ratios", unit="block", disable=None, dynamic_ncols=True)):
+            on_device = _to_device(block, device)
+            linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
+            sq_norms: dict[str, Tensor] = {}
+
+            def gather(name: str):
+                def hook(module, args):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    sq_norms[name] = sq_norms.get(name, 0) + x.square().sum(0)
+                return hook
+
+            handles = [module.register_forward_pre_hook(gather(name)) for name, module in linears.items()]
+            try:
+                outputs = [_run_block(on_device, i, item) for item in captured]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for item, out in zip(captured, outputs):
+                item.hidden = out
+            scores = [get_weight(module).abs().float() * sq_norms[name].sqrt() for name, module in linears.items()]
+            ratios.append(outlier_ratio(scores, m) if scores else 0.0)
+            sizes.append(sum(s.numel() for s in scores))
+            if on_device is not block:
+                _to_device(block, torch.device("cpu"))
+            log.info("block %d/%d: outlier ratio %.4f", i + 1, len(blocks), ratios[-1])
+    return ratios, sizes
+
+
 def _prune_linear(solver: Solver, name: str, module: nn.Module, sparsity: float, pattern: Pattern,
                   leader: str | None) -> LinearResult:
     started = time.perf_counter()
@@ -162,13 +224,14 @@ class _BlockPruner:
     """
 
     def __init__(self, linears: dict[str, nn.Module], method: str, sparsity_of, pattern: Pattern, device,
-                 predicted: dict[str, list[str]] | None = None):
+                 predicted: dict[str, list[str]] | None = None, refine=None):
         self.linears = linears
+        self.refine = refine
         self.method, self.sparsity_of, self.pattern, self.device = method, sparsity_of, pattern, device
         self.predicted = predicted or {}  # leader name -> the other linears expected to share its input
         self.groups: dict[str, tuple[Solver, str]] = {}  # linear name -> (solver, name of the group's first linear)
         self._by_input: dict[tuple, tuple[Solver, str, Tensor]] = {}
-        self._stashed: dict[str, tuple[Solver, Tensor, float]] = {}
+        self._stashed: dict[str, tuple[Solver, Tensor, float, dict | None]] = {}
         self.order: list[str] = []
         self.pruned: set[str] = set()
         self.results: list[LinearResult] = []
@@ -181,7 +244,7 @@ class _BlockPruner:
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.storage_offset(), x._version, x.dtype)
             shared = self._by_input.get(key)
             if shared is None:
-                solver = make_solver(self.method, x.shape[-1], self.device)
+                solver = make_solver(self.method, x.shape[-1], self.device, self.refine)
                 self._by_input[key] = (solver, name, x)  # holding x keeps its address from being reused
                 group = (solver, name)
             else:
@@ -208,7 +271,7 @@ class _BlockPruner:
         shared_with = None if leader == name else leader
         stashed = self._stashed.pop(name, None)
         if stashed is not None and stashed[0] is solver:
-            self._finish(name, stashed[1], stashed[2], shared_with)
+            self._finish(name, *stashed[1:3], shared_with, stashed[3])
             return
         members = [name]
         if leader == name and hasattr(solver, "prune_many"):
@@ -223,15 +286,19 @@ class _BlockPruner:
                                       [self.sparsity_of(n) for n in members], self.pattern)
         seconds = time.perf_counter() - started
         rows = sum(W.shape[0] for W in W_new)
-        for member, W in zip(members, W_new):
+        reports = getattr(solver, "reports", None)
+        refined = [reports.pop(0) for _ in W_new] if reports else [None] * len(W_new)
+        for member, W, refine in zip(members, W_new, refined):
             share = seconds * W.shape[0] / rows
             if member == name:
-                self._finish(name, W, share, shared_with)
+                self._finish(name, W, share, shared_with, refine)
             else:
-                self._stashed[member] = (solver, W, share)
+                self._stashed[member] = (solver, W, share, refine)
 
-    def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None) -> None:
-        self.results.append(_apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with))
+    def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None) -> None:
+        result = _apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)
+        result.refine = refine
+        self.results.append(result)
         self.pruned.add(name)
 
     def hooks(self, sync: bool):

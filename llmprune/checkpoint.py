@@ -58,9 +58,9 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
 
 
 def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "compressed",
-         targets: set[str] | None = None, overwrite: bool = False) -> Path:
+         targets: set[str] | None = None, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
     """Write the model to `out`: dense (zeros where pruned) or compressed (targets = module paths of the
-    pruned linears, stored in the compressed-tensors sparse layout). Atomic."""
+    pruned linears, stored in the compressed-tensors sparse layout), plus text `files` by name. Atomic."""
     check_format(fmt)
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -74,6 +74,8 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
             sizes = written["linears"]
             report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
                                "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return out
 

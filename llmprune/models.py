@@ -219,14 +219,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def find_linears(block: nn.Module, prefix: str, ignore: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Target linears of a block by full name, without those matching an ignore regex."""
-    patterns = [re.compile(p) for p in ignore]
+def find_linears(block: nn.Module, prefix: str, ignore: tuple[str, ...] = (),
+                 targets: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Target linears of a block by full name: those matching a targets regex (all, without targets),
+    less those matching an ignore regex."""
+    skip = [re.compile(p) for p in ignore]
+    keep = [re.compile(p) for p in targets]
     found = {}
     for name, module in block.named_modules():
         if is_target(module):
             full = f"{prefix}.{name}"
-            if not any(p.search(full) for p in patterns):
+            if (not keep or any(p.search(full) for p in keep)) and not any(p.search(full) for p in skip):
                 found[full] = module
     return found
 

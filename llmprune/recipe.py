@@ -1,76 +1,259 @@
-"""Recipe: everything a pruning run needs, model-independent, validated in one place."""
+"""Recipe: everything a pruning run needs, model-independent, validated in one place; YAML in and out."""
 from __future__ import annotations
 
+import os
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern, check_sparsity, parse_pattern
 from llmprune.solvers import SOLVERS
 
 RECIPE_VERSION = 1
+ALLOCATIONS = ("uniform", "owl")
+REFINERS = ("none", "dsnot")
+RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A pruning recipe. Defaults are the papers' conventions (SparseGPT / Wanda: 128 × 2048 tokens of C4, seed 0)."""
+    """A pruning recipe. Defaults are the papers' conventions (SparseGPT / Wanda: 128 × 2048 tokens of C4,
+    seed 0; OWL: M = 5, λ = 0.08; DSnoT: 50 cycles, threshold 0.1)."""
 
     method: str = "sparsegpt"
     sparsity: float = 0.5  # fraction of each target linear's weights set to zero, in [0, 1)
     pattern: str = "unstructured"  # or N:M, e.g. 2:4 (then sparsity = 1 - N/M)
+    allocation: str = "uniform"  # or owl: per-block sparsity from outlier ratios (Yin et al. 2024)
+    owl_m: float = 5.0  # a score is an outlier above owl_m × the block's mean score
+    owl_lambda: float = 0.08  # block sparsities stay within ±owl_lambda of the target
+    refine: str = "none"  # or dsnot: prune-and-grow on each solver's mask (Zhang et al. 2024)
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    dsnot_same_sign: bool = True  # a row stops once a swap would flip the sign of its output shift
+    targets: tuple[str, ...] = ()  # regexes on full linear names to prune (empty: every linear of every block)
+    ignore: tuple[str, ...] = ()  # regexes on full linear names left dense
+    overrides: tuple[tuple[str, float], ...] = ()  # (regex, sparsity): the first match sets a linear's sparsity
     calibration: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    ignore: tuple[str, ...] = ()  # regexes on full linear names left dense
     sequential: bool = True  # one pass per block, each linear calibrated on pruned upstream outputs
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
+            if _HINTS[f.name] is float:
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))  # 1 and 1.0 are one recipe
+        if self.version != RECIPE_VERSION:
+            raise LlmpruneError(f"recipe version {self.version} is not supported; this llmprune reads version {RECIPE_VERSION}.")
         if self.method not in SOLVERS:
-            raise LlmpruneError(f"unknown method '{self.method}'; choose one of {', '.join(SOLVERS)}.")
+            raise LlmpruneError(f"method: unknown method '{self.method}'; choose one of {', '.join(SOLVERS)}.")
         pattern = parse_pattern(self.pattern)
         if str(pattern) != self.pattern:
             raise LlmpruneError(f"pattern '{self.pattern}' must be written as '{pattern}'.")
-        if not isinstance(self.sparsity, (int, float)) or isinstance(self.sparsity, bool):
-            raise LlmpruneError(f"sparsity must be a number in [0, 1); got {self.sparsity!r}.")
         check_sparsity(float(self.sparsity), pattern)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("refine", self.refine, REFINERS)
+        if self.allocation == "owl" and pattern.structured:
+            raise LlmpruneError(f"allocation: owl gives each block its own sparsity, which pattern {pattern} fixes at "
+                                f"{1 - pattern.n / pattern.m:g}; use --pattern unstructured or --allocation uniform.")
+        if self.owl_m <= 0:
+            raise LlmpruneError(f"owl_m must be positive; got {self.owl_m!r} (the paper uses 5).")
+        if not 0 <= self.owl_lambda < 1:
+            raise LlmpruneError(f"owl_lambda must be in [0, 1); got {self.owl_lambda!r} (the paper uses 0.08).")
+        if self.dsnot_cycles < 1:
+            raise LlmpruneError(f"dsnot_cycles must be at least 1; got {self.dsnot_cycles!r} (the paper uses 50).")
+        if self.dsnot_threshold < 0:
+            raise LlmpruneError(f"dsnot_threshold must be non-negative; got {self.dsnot_threshold!r} (the paper uses 0.1).")
         for name in ("nsamples", "seqlen"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LlmpruneError(f"{name} must be a positive integer; got {value!r}.")
-        if not isinstance(self.seed, int):
-            raise LlmpruneError(f"seed must be an integer; got {self.seed!r}.")
-        for regex in self.ignore:
-            try:
-                re.compile(regex)
-            except re.error as exc:
-                raise LlmpruneError(f"ignore pattern '{regex}' is not a valid regular expression ({exc}); fix or quote it.") from None
-        if self.version != RECIPE_VERSION:
-            raise LlmpruneError(f"recipe version {self.version} is not supported; this llmprune reads version {RECIPE_VERSION}.")
+            if getattr(self, name) < 1:
+                raise LlmpruneError(f"{name} must be a positive integer; got {getattr(self, name)!r}.")
+        for name in ("targets", "ignore"):
+            for regex in getattr(self, name):
+                _regex(name, regex)
+        for regex, value in self.overrides:
+            _regex("overrides", regex)
+            if pattern.structured:
+                raise LlmpruneError(f"overrides: '{regex}: {value}' sets a sparsity, which pattern {pattern} fixes; "
+                                    "drop the override or use --pattern unstructured.")
+            if not 0 <= value < 1:
+                raise LlmpruneError(f"overrides: sparsity {value!r} for '{regex}' is outside [0, 1); pass a fraction such as 0.6.")
 
     @classmethod
-    def create(cls, *, sparsity: float | None = None, pattern: str = "unstructured", ignore=(), **kwargs) -> "Recipe":
+    def create(cls, *, sparsity: float | None = None, pattern: str = "unstructured", **kwargs) -> "Recipe":
         """Build a recipe, filling the sparsity an N:M pattern implies and normalising the pattern's spelling."""
         parsed = parse_pattern(pattern)
-        return cls(sparsity=check_sparsity(sparsity, parsed), pattern=str(parsed), ignore=tuple(ignore), **kwargs)
+        for name in ("targets", "ignore"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name] or ())
+        if "overrides" in kwargs:
+            kwargs["overrides"] = _pairs(kwargs["overrides"])
+        return cls(sparsity=check_sparsity(sparsity, parsed), pattern=str(parsed), **kwargs)
+
+    def override(self, **changes) -> "Recipe":
+        """A copy with some fields changed (e.g. from CLI flags). Changing the pattern alone re-derives the
+        sparsity an N:M pattern implies."""
+        data = self.to_dict()
+        if "pattern" in changes and "sparsity" not in changes:
+            data["sparsity"] = None
+        data.update(changes)
+        return Recipe.from_dict(data, implied=True)
 
     @property
     def parsed_pattern(self) -> Pattern:
         return parse_pattern(self.pattern)
 
+    @property
+    def dsnot(self):
+        """The DSnoT settings, or None without refinement."""
+        if self.refine != "dsnot":
+            return None
+        from llmprune.solvers.dsnot import DSnoTConfig
+
+        return DSnoTConfig(cycles=self.dsnot_cycles, threshold=self.dsnot_threshold, same_sign=self.dsnot_same_sign)
+
+    def sparsity_override(self, name: str) -> float | None:
+        for regex, value in self.overrides:
+            if re.search(regex, name):
+                return value
+        return None
+
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["targets"] = list(self.targets)
         data["ignore"] = list(self.ignore)
+        data["overrides"] = {regex: value for regex, value in self.overrides}
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict, *, implied: bool = False) -> "Recipe":
+        if not isinstance(data, dict):
+            raise LlmpruneError(f"a recipe is a mapping of fields to values; got {type(data).__name__}.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise LlmpruneError(f"unknown recipe field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
+            close = {u: _closest(u, known) for u in unknown}
+            hint = "; ".join(f"'{u}' (did you mean '{c}'?)" if c else f"'{u}'" for u, c in close.items())
+            raise LlmpruneError(f"unknown recipe field(s) {hint}; allowed: {', '.join(known)}.")
         data = dict(data)
-        if "ignore" in data:
-            data["ignore"] = tuple(data["ignore"] or ())
+        for name in ("targets", "ignore"):
+            if name in data:
+                value = data[name]
+                if value is None:
+                    value = ()
+                elif isinstance(value, str):
+                    value = (value,)
+                elif not isinstance(value, (list, tuple)):
+                    raise LlmpruneError(f"{name} must be a list of regular expressions; got {value!r}.")
+                data[name] = tuple(value)
+        if "overrides" in data:
+            data["overrides"] = _pairs(data["overrides"])
+        if implied or data.get("sparsity") is None:
+            return cls.create(**data)
         return cls(**data)
+
+    def to_yaml(self, comment: str | None = None) -> str:
+        import yaml
+
+        head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+        return head + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save(self, path: str | os.PathLike, comment: str | None = None) -> None:
+        Path(path).write_text(self.to_yaml(comment))
+
+
+def load_recipe(spec: str | os.PathLike) -> Recipe:
+    """A recipe from a YAML file, or by the name of one shipped with llmprune (e.g. 'sparsegpt-2of4')."""
+    import yaml
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        shipped = shipped_recipes()
+        name = str(spec).removesuffix(".yaml")
+        if name not in shipped:
+            raise LlmpruneError(f"recipe '{spec}' is neither a file nor a shipped recipe; shipped: {', '.join(sorted(shipped))}.")
+        path = shipped[name]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmpruneError(f"recipe {path} is not valid YAML ({first}); fix the file.") from None
+    try:
+        return Recipe.from_dict(data if data is not None else {})
+    except LlmpruneError as exc:
+        raise LlmpruneError(f"recipe {path}: {exc}") from None
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name → file of the recipes shipped in llmprune.recipes (the repository's recipes/ folder)."""
+    from importlib import resources
+
+    try:
+        root = resources.files("llmprune.recipes")
+    except ModuleNotFoundError:
+        return {}
+    return {Path(str(f)).stem: Path(str(f)) for f in root.iterdir() if str(f).endswith(".yaml")}
+
+
+# ---- validation -----------------------------------------------------------------------------------------
+
+_HINTS = typing.get_type_hints(Recipe)
+
+
+def _check_type(name: str, value, hint) -> None:
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise LlmpruneError(f"{name} must be a list; got {value!r}.")
+        args = typing.get_args(hint)
+        if args[:1] == (str,):
+            for item in value:
+                if not isinstance(item, str):
+                    raise LlmpruneError(f"{name} must be a list of strings; got {item!r} in it.")
+        return
+    ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise LlmpruneError(f"{name} must be {expected.get(hint, hint.__name__)}; got {value!r}.")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LlmpruneError(f"{name}: unknown value '{value}'; choose one of {', '.join(allowed)}.")
+
+
+def _regex(name: str, regex: str) -> None:
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        raise LlmpruneError(f"{name}: '{regex}' is not a valid regular expression ({exc}); fix or quote it.") from None
+
+
+def _pairs(overrides) -> tuple[tuple[str, float], ...]:
+    if overrides is None:
+        return ()
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    elif isinstance(overrides, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in overrides):
+        items = [tuple(p) for p in overrides]
+    else:
+        raise LlmpruneError(f"overrides must map linear-name regexes to sparsities, e.g. 'mlp.down_proj: 0.6'; got {overrides!r}.")
+    pairs = []
+    for regex, value in items:
+        if not isinstance(regex, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LlmpruneError(f"overrides: '{regex}: {value!r}' must map a regex to a sparsity number such as 0.6.")
+        pairs.append((regex, float(value)))
+    return tuple(pairs)
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, choices, n=1)
+    return match[0] if match else None
+

@@ -49,17 +49,23 @@ SOLVERS: dict[str, Callable[[int, torch.device], Solver]] = {
 }
 
 
-def make_solver(method: str, columns: int, device: torch.device | str = "cpu") -> Solver:
-    """A fresh solver for a linear (or group of linears) with `columns` inputs."""
+def make_solver(method: str, columns: int, device: torch.device | str = "cpu", refine=None) -> Solver:
+    """A fresh solver for a linear (or group of linears) with `columns` inputs; `refine` (a DSnoTConfig)
+    puts DSnoT after it."""
     try:
         factory = SOLVERS[method]
     except KeyError:
         raise LlmpruneError(
             f"unknown method '{method}'; choose one of {', '.join(SOLVERS)}."
         ) from None
-    return factory(columns, torch.device(device))
+    solver = factory(columns, torch.device(device))
+    if refine is not None:
+        from llmprune.solvers.dsnot import RefinedSolver
+
+        solver = RefinedSolver(solver, columns, torch.device(device), refine)
+    return solver
 
 
-def needs_data(method: str) -> bool:
-    """Whether the method needs calibration inputs at all."""
-    return make_solver(method, 1).needs_data
+def needs_data(method: str, refine=None) -> bool:
+    """Whether the method (with its refinement) needs calibration inputs at all."""
+    return refine is not None or make_solver(method, 1).needs_data

@@ -18,6 +18,18 @@ PERCDAMP = 0.01  # dampening: 0.01 × mean diag(H) (paper default)
 SUBBLOCK = 32  # columns updated one by one inside a block; the rest of the block gets one product (measured)
 
 
+def add_upper_(H: Tensor, x: Tensor, step: int) -> None:
+    """H += xᵀx on H's upper block triangle only (H is symmetric; about 35% fewer flops than x.T @ x)."""
+    for i in range(0, x.shape[1], step):
+        H[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
+
+
+def symmetric(upper_blocks: Tensor) -> Tensor:
+    """The full symmetric matrix from one whose upper triangle (at least) is filled."""
+    upper = torch.triu(upper_blocks)
+    return upper + torch.triu(upper, 1).T
+
+
 class SparseGPTSolver:
     """Accumulates the Hessian in fp32; its inverse is computed once and shared by every linear that reads the same input."""
 
@@ -33,18 +45,14 @@ class SparseGPTSolver:
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        # H is symmetric: accumulate only its upper block triangle (about 35% fewer flops than x.T @ x)
-        step = self._row_block
-        for i in range(0, x.shape[1], step):
-            self.H[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
+        add_upper_(self.H, x, self._row_block)
         self.tokens += x.shape[0]
         self._factor = None
 
     def _inverse_factor(self) -> tuple[Tensor, Tensor]:
         """Upper Cholesky factor of H⁻¹ (dampened), and the mask of dead inputs (never non-zero)."""
         if self._factor is None:
-            upper = torch.triu(self.H)
-            H = (upper + torch.triu(upper, 1).T) * (2.0 / max(self.tokens, 1))
+            H = symmetric(self.H) * (2.0 / max(self.tokens, 1))
             dead = torch.diagonal(H) == 0
             H[dead, dead] = 1.0
             H.diagonal().add_(self.percdamp * torch.diagonal(H).mean())

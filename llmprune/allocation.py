@@ -1,0 +1,46 @@
+"""Per-block sparsity: uniform, or OWL's outlier-weighted allocation (Yin et al. 2024, arXiv:2310.05175)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from llmprune.errors import LlmpruneError
+
+OWL_M = 5.0  # paper default: an outlier scores above M × the mean
+OWL_LAMBDA = 0.08  # paper default: block sparsities within ±λ of the target
+
+
+def outlier_ratio(scores: Sequence[Tensor], m: float = OWL_M) -> float:
+    """Share of a block's Wanda scores |W|·‖X‖₂ (all its linears together) above m × their mean."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    return float((flat > m * flat.mean()).double().mean())
+
+
+def owl(ratios: Sequence[float], target: float, *, lam: float = OWL_LAMBDA,
+        weights: Sequence[float] | None = None) -> list[float]:
+    """Block sparsities from outlier ratios: more outliers, lower sparsity; the weighted mean is exactly `target`.
+
+    OWL maps the ratios linearly onto a spread of 2λ around the target (the paper's code); where the ratios are
+    skewed, the map is shrunk so that no block leaves [target − λ, target + λ]. weights: each block's number of
+    prunable weights (default equal), so the model-wide sparsity is the target.
+    """
+    r = torch.tensor(list(ratios), dtype=torch.float64)
+    if r.numel() == 0:
+        return []
+    w = torch.ones_like(r) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
+    if bool((w <= 0).any()):
+        raise ValueError("block weights must be positive")
+    w = w / w.sum()
+    deviation = r - (w * r).sum()
+    spread = float(r.max() - r.min())
+    if spread == 0 or lam == 0:
+        return [float(target)] * r.numel()
+    scale = min(2 * lam / spread, lam / float(deviation.abs().max()))
+    sparsities = target - deviation * scale
+    low, high = float(sparsities.min()), float(sparsities.max())
+    if low < 0 or high >= 1:
+        raise LlmpruneError(f"OWL with λ={lam:g} around sparsity {target:g} gives block sparsities from {low:.3f} to "
+                            f"{high:.3f}, outside [0, 1); lower --owl-lambda below {min(target, 1 - target):g}.")
+    return [float(s) for s in sparsities]
