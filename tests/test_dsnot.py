@@ -3,7 +3,7 @@ import torch
 
 from llmprune.masks import Pattern, pattern_holds
 from llmprune.solvers import make_solver
-from llmprune.solvers.dsnot import DSnoTConfig, DSnoTStats, RefinedSolver, dsnot_mask, output_error
+from llmprune.solvers.dsnot import DSnoTConfig, DSnoTStats, RefinedSolver, dsnot_mask, error_change, output_error
 
 
 def llm_like_inputs(windows=8, seqlen=64, features=64, seed=0):
@@ -62,7 +62,38 @@ def test_output_error_matches_the_direct_computation():
     X = llm_like_inputs(windows=2)
     stats = DSnoTStats(64, torch.device("cpu"))
     stats.add_batch(X)
-    torch.testing.assert_close(output_error(W, W_hat, stats.H), true_error(W, W_hat, X), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(output_error(W, W_hat, stats.H).double(), true_error(W, W_hat, X), rtol=1e-4, atol=1e-3)
+    even, odd = stats.hessians()
+    torch.testing.assert_close(output_error(W, W_hat, even).double(), true_error(W, W_hat, X[0:1]), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(output_error(W, W_hat, odd).double(), true_error(W, W_hat, X[1:2]), rtol=1e-4, atol=1e-3)
+    W_new = W_hat.clone()
+    W_new[:, :5] = 0
+    torch.testing.assert_close(error_change(W, W_hat, W_new, stats.H).double(),
+                               true_error(W, W_new, X) - true_error(W, W_hat, X), rtol=1e-3, atol=1e-2)
+
+
+def test_borrowed_hessian_gives_the_same_halves():
+    X = llm_like_inputs(windows=5)
+    own = DSnoTStats(64, torch.device("cpu"))
+    solver = make_solver("sparsegpt", 64)
+    borrowed = DSnoTStats(64, torch.device("cpu"), hessian_from=solver)
+    for chunk in X.split(2):
+        own.add_batch(chunk)
+        solver.add_batch(chunk)
+        borrowed.add_batch(chunk)
+    for a, b in zip(own.hessians(), borrowed.hessians()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-2)
+
+
+def test_refinement_is_kept_only_where_both_halves_agree():
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(64, 64, generator=g)
+    X = llm_like_inputs(windows=6, seed=8)
+    W_r, W_s, solver = refined("wanda", W, X, 0.7, Pattern())
+    changed = (W_r != W_s).any(1)
+    assert changed.any()
+    for half in (X[0::2], X[1::2]):
+        assert torch.all(true_error(W, W_r, half)[changed] < true_error(W, W_s, half)[changed])
 
 
 def test_hand_worked_swap():

@@ -6,9 +6,11 @@ sign(ε)·W_j·E[x_j] / Var(x_j)) and prunes a kept weight that pushes ε the ot
 score |W_j|·‖x_j‖₂; for N:M, within the regrown weight's group), while |ε| exceeds a threshold and, with
 the sign constraint, ε keeps its sign. Paper defaults: 50 cycles, threshold 0.1, variance power 1.
 
-Unlike the paper's code, a refined row is kept only where it lowers the row's output error on the
-calibration data, ‖(W − Ŵ)X‖² = (W − Ŵ) H (W − Ŵ)ᵀ with H = Σ x xᵀ; otherwise the solver's row stays.
-So the refinement never makes a linear worse than the solver it refines.
+Unlike the paper's code, a refined row is kept only where it lowers the row's output error
+‖(W − Ŵ)X‖² = (W − Ŵ) H (W − Ŵ)ᵀ (H = Σ x xᵀ) on each half of the calibration windows (even and odd),
+so on the calibration data as a whole too; otherwise the solver's row stays. The refinement never makes
+a linear worse than the solver it refines, and a swap that helps only one half (fitting the calibration
+sample rather than the distribution; measured on SparseGPT at 70%) is not taken.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from llmprune.solvers.sparsegpt import add_upper_, symmetric
 CYCLES = 50  # paper default
 THRESHOLD = 0.1  # paper default, in units of the row's output shift summed over one window
 VAR_POWER = 1.0  # the growing criterion divides by Var(x_j) to this power (paper default)
+RELATIVE_MARGIN = 1e-5  # a refined row must lower its output error by more than this share (fp32 noise is ~1e-6)
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,11 @@ class DSnoTConfig:
 
 
 class DSnoTStats:
-    """Input statistics DSnoT needs: per-feature sums, squares and per-window variances, and H = Σ x xᵀ.
+    """Input statistics DSnoT needs: per-feature sums, squares and per-window variances, and the Hessian
+    H = Σ x xᵀ of the even and of the odd calibration windows.
 
-    The Hessian can be borrowed from a solver that already accumulates it (SparseGPT), so it is
-    gathered once.
+    The whole H can be borrowed from a solver that already accumulates it (SparseGPT): then only the
+    even windows' half is gathered here, and the odd half is the difference.
     """
 
     def __init__(self, columns: int, device: torch.device, hessian_from=None):
@@ -47,7 +51,8 @@ class DSnoTStats:
         self.windows = 0
         self.tokens = 0
         self._hessian_from = hessian_from  # an object whose .H is the upper block triangle of Σ x xᵀ
-        self._H = None if hessian_from is not None else torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self._H_even = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # upper block triangles
+        self._H_odd = None if hessian_from is not None else torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self._row_block = max(128, -(-columns // 4 // 64) * 64)
 
     def add_batch(self, x: Tensor) -> None:
@@ -57,16 +62,28 @@ class DSnoTStats:
         flat = windows.reshape(-1, x.shape[-1])  # [tokens, in]
         self.sum += flat.sum(0).double()
         self.sq_sum += flat.square().sum(0).double()
+        parity = (torch.arange(windows.shape[0]) + self.windows) % 2
+        even = windows[parity == 0].reshape(-1, x.shape[-1])
+        if even.shape[0]:
+            add_upper_(self._H_even, even, self._row_block)
+        if self._H_odd is not None:
+            odd = windows[parity == 1].reshape(-1, x.shape[-1])
+            if odd.shape[0]:
+                add_upper_(self._H_odd, odd, self._row_block)
         self.windows += windows.shape[0]
         self.tokens += flat.shape[0]
-        if self._H is not None:
-            add_upper_(self._H, flat, self._row_block)
+
+    def hessians(self) -> list[Tensor]:
+        """Σ x xᵀ over the even and over the odd calibration windows, full and symmetric: [in, in] each
+        (one only, the whole, with a single window)."""
+        even = symmetric(self._H_even)
+        odd = symmetric(self._H_odd) if self._H_odd is not None else symmetric(self._hessian_from.H) - even
+        return [even, odd] if self.windows > 1 else [even + odd]
 
     @property
     def H(self) -> Tensor:
-        """Σ x xᵀ over every calibration token, full and symmetric: [in, in]."""
-        upper = self._hessian_from.H if self._H is None else self._H
-        return symmetric(upper)
+        """Σ x xᵀ over every calibration token: [in, in]."""
+        return sum(self.hessians())
 
     def window_mean(self) -> Tensor:
         """E[x_j] summed over a window: the reference code's per-window input sum."""
@@ -80,9 +97,19 @@ class DSnoTStats:
 
 
 def output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> Tensor:
-    """Per-row ‖(W − Ŵ) X‖² on the calibration tokens, from H = Σ x xᵀ: [out] in float64."""
-    delta = (W.double() - W_hat.double())
-    return ((delta @ H.double()) * delta).sum(1)
+    """Per-row ‖(W − Ŵ) X‖² on the calibration tokens, from H = Σ x xᵀ: [out]."""
+    delta = W.float() - W_hat.float()
+    return ((delta @ H) * delta).sum(1)
+
+
+def error_change(W: Tensor, W_old: Tensor, W_new: Tensor, H: Tensor) -> Tensor:
+    """Per-row change of ‖(W − Ŵ) X‖² from Ŵ = W_old to W_new: (δ_new − δ_old) H (δ_new + δ_old)ᵀ.
+
+    Computed as one product, without subtracting two large errors, so it keeps its own precision.
+    """
+    W = W.float()
+    delta_old, delta_new = W - W_old.float(), W - W_new.float()
+    return ((delta_new - delta_old) * ((delta_new + delta_old) @ H)).sum(1)
 
 
 def dsnot_mask(W: Tensor, mask: Tensor, stats: DSnoTStats, pattern: Pattern, config: DSnoTConfig = DSnoTConfig(),
@@ -103,9 +130,11 @@ def dsnot_mask(W: Tensor, mask: Tensor, stats: DSnoTStats, pattern: Pattern, con
     rows = torch.arange(W.shape[0], device=W.device)
     inf = torch.tensor(float("inf"), device=W.device)
 
+    depth = min(config.cycles, W.shape[1])  # a row takes at most one candidate per cycle from each list
+
     def order(keys: Tensor) -> tuple[Tensor, Tensor]:
-        """Ascending order of the finite keys of each row; the keys in that order (inf = none left)."""
-        sorted_keys, index = torch.sort(keys, dim=1, stable=True)
+        """The `depth` lowest keys of each row, ascending, and their columns (inf = no candidate)."""
+        sorted_keys, index = torch.topk(keys, depth, dim=1, largest=False, sorted=True)
         return index, sorted_keys
 
     # candidates to regrow: pruned weights whose contribution has the sign of ε, best first
@@ -121,7 +150,7 @@ def dsnot_mask(W: Tensor, mask: Tensor, stats: DSnoTStats, pattern: Pattern, con
     pointers = torch.zeros(4, W.shape[0], dtype=torch.long, device=W.device)
     active = error.abs() > config.threshold
     initial_sign = torch.sign(error)
-    last = W.shape[1] - 1
+    last = depth - 1
     for _ in range(config.cycles):
         if not bool(active.any()):
             break
@@ -129,7 +158,7 @@ def dsnot_mask(W: Tensor, mask: Tensor, stats: DSnoTStats, pattern: Pattern, con
         j_pos, key_jp = (t.gather(1, pointers[0].clamp_max(last)[:, None])[:, 0] for t in grow_pos)
         j_neg, key_jn = (t.gather(1, pointers[1].clamp_max(last)[:, None])[:, 0] for t in grow_neg)
         grow = torch.where(positive, j_pos, j_neg)
-        valid = torch.isfinite(torch.where(positive, key_jp, key_jn))
+        valid = torch.isfinite(torch.where(positive, key_jp, key_jn)) & (pointers.amax(0) <= last)
         if not pattern.structured:
             k_neg, key_kn = (t.gather(1, pointers[3].clamp_max(last)[:, None])[:, 0] for t in prune_neg)
             k_pos, key_kp = (t.gather(1, pointers[2].clamp_max(last)[:, None])[:, 0] for t in prune_pos)
@@ -188,19 +217,24 @@ class RefinedSolver:
         return self._refine(weights, pruned, pattern)
 
     def _refine(self, weights: list[Tensor], pruned: list[Tensor], pattern: Pattern) -> list[Tensor]:
-        H = self.stats.H
+        halves = self.stats.hessians()
         out = []
         for W, W_s in zip(weights, pruned):
             mask = W_s == 0
             new_mask = dsnot_mask(W, mask, self.stats, pattern, self.config, kept_values=W_s)
             W_r = torch.where(new_mask, torch.zeros_like(W_s), torch.where(mask, W, W_s))
-            before, after = output_error(W, W_s, H), output_error(W, W_r, H)
-            better = after < before
+            better = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+            before = change = 0
+            for H in halves:
+                half_before, half_change = output_error(W, W_s, H), error_change(W, W_s, W_r, H)
+                better &= half_change < -RELATIVE_MARGIN * half_before  # a clear drop on this half, not float noise
+                before, change = before + half_before, change + half_change
             final = torch.where(better[:, None], W_r, W_s)
             self.reports.append({
                 "rows_refined": int(better.sum()), "rows": W.shape[0],
                 "swaps": int((new_mask & ~mask)[better].sum()),
-                "error_before": float(before.sum()), "error_after": float(torch.where(better, after, before).sum()),
+                "error_before": float(before.double().sum()),
+                "error_after": float((before.double() + torch.where(better, change, 0).double()).sum()),
             })
             out.append(final)
         return out
