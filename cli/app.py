@@ -26,7 +26,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-from llmprune.cli import convert as _convert  # noqa: E402,F401  (registers the command)
+from llmprune.cli import bench as _bench  # noqa: E402,F401  (registers the command)
+from llmprune.cli import convert as _convert  # noqa: E402,F401
 from llmprune.cli import eval as _eval  # noqa: E402,F401
 from llmprune.cli import info as _info  # noqa: E402,F401
 from llmprune.cli import prune as _prune  # noqa: E402,F401

@@ -101,6 +101,7 @@ def main() -> None:
     del model  # the timed children get the machine's memory to themselves
     hf_dir = str(models._gguf_cache_path(source)) if source.kind == "gguf" else source.path
 
+    host = machine()  # before any run: the commit measured, not one made while the benchmark ran
     exe = [sys.executable, "-m", "llmprune"]
     results = []
     runs = grid(args.grid) if args.grid else args.runs.split(",")
@@ -147,7 +148,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    info = {"machine": machine(), "protocol": {k: getattr(args, k) for k in ("nsamples", "seqlen", "neval", "calib_fraction", "extra")},
+    info = {"machine": host, "protocol": {k: getattr(args, k) for k in ("nsamples", "seqlen", "neval", "calib_fraction", "extra")},
             "results": results}
     print()
     print(f"machine: {info['machine']}")

@@ -11,11 +11,22 @@ def prune(*args, **kwargs):
     return _prune(*args, **kwargs)
 
 
-def load(spec=None, *, dtype=None):
-    """Load (model, tokenizer) from a pruned directory (dense or compressed), a Hub id, a .gguf file or 'smollm2'."""
+def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False):
+    """Load (model, tokenizer) from a pruned directory (dense or compressed), a Hub id, a .gguf file or 'smollm2'.
+
+    sparse_kernels=True swaps the pruned linears for SparseLinear layers (compressed weights only, run by
+    llmprune's CUDA kernels where they apply) before the model moves to `device`, so the dense weights never
+    reach the GPU.
+    """
     from llmprune.checkpoint import load_model
 
     model, tokenizer, _ = load_model(spec, dtype=dtype)
+    if sparse_kernels:
+        from llmprune.deploy import sparsify
+
+        sparsify(model)
+    if device is not None:
+        model.to(device)
     return model, tokenizer
 
 

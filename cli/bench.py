@@ -1,0 +1,65 @@
+"""`llmprune bench`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from llmprune.cli.app import app
+from llmprune.cli.common import print_json, setup_logging, user_errors
+
+EXAMPLES = """
+Examples:
+
+  llmprune bench m24                         # kernel table + decode tokens/s, float16
+
+  llmprune bench m24 --dtype bfloat16 --json
+"""
+
+
+@app.command(epilog=EXAMPLES)
+@user_errors
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Pruned directory (dense or compressed), Hub id or .gguf."),
+    dtype: str = typer.Option("float16", help="float16 or bfloat16."),
+    repeats: int = typer.Option(50, help="Timed runs per measurement (median reported)."),
+    decode_tokens: int = typer.Option(128, help="Tokens generated for the end-to-end decode speed."),
+    json_output: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+):
+    """Kernel speed per linear shape (dense cuBLAS, ours, torch's 2:4) and decode tokens/s, on a CUDA GPU."""
+    setup_logging(verbose, quiet=json_output)
+    import torch
+
+    from llmprune import bench as b
+    from llmprune.checkpoint import load_model
+    from llmprune.errors import LlmpruneError
+
+    kinds = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in kinds:
+        raise LlmpruneError(f"--dtype must be float16 or bfloat16 (the kernels' types); got '{dtype}'.")
+    b.require_gpu()
+    loaded, _, _ = load_model(model)
+    result = {"environment": b.environment(), "kernels": b.kernel_table(loaded, dtype=kinds[dtype], repeats=repeats),
+              "decode": b.decode_speed(loaded, tokens=decode_tokens, dtype=kinds[dtype])}
+    if json_output:
+        print_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print("environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()))
+    table = Table(title=f"kernels ({dtype}, median of {repeats})")
+    for column in ("shape", "layout", "tokens", "dense µs", "ours µs", "torch 2:4 µs", "speedup", "dense TFLOP/s", "ours GB/s"):
+        table.add_column(column, justify="right")
+    fmt = lambda v, scale=1e6: "—" if v is None else f"{v * scale:.1f}"  # noqa: E731
+    for r in result["kernels"]:
+        table.add_row("×".join(map(str, r["shape"])), r["layout"], str(r["tokens"]), fmt(r["dense_s"]), fmt(r["ours_s"]),
+                      fmt(r["torch_semi_s"]), "—" if r["speedup"] is None else f"{r['speedup']:.2f}×",
+                      f"{r['dense_tflops']:.1f}", "—" if r["ours_gbs"] is None else f"{r['ours_gbs']:.0f}")
+    console.print(table)
+    d = result["decode"]
+    console.print(f"decode: dense {d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s "
+                  f"({d['speedup']:.2f}×); {d['weights']['swapped']} linears at "
+                  f"{d['weights']['stored_bytes'] / max(d['weights']['dense_bytes'], 1):.3f}× their dense bytes")

@@ -1,0 +1,80 @@
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from llmprune import calibrate, deploy, formats
+from llmprune.masks import Pattern
+
+
+def windows(n=4, seqlen=16):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("pattern,layout", [(Pattern(2, 4), formats.SPARSE24), (Pattern(), formats.BITMASK)])
+def test_sparsified_model_computes_the_pruned_models_logits(arch, pattern, layout, caplog):
+    model = tiny_model(arch)
+    calibrate.prune_model(model, None, method="magnitude", sparsity=0.6 if not pattern.structured else 0.5, pattern=pattern)
+    ids = windows(2, 12)
+    expected = model(ids).logits
+    report = deploy.sparsify(model)
+    layers = [m for m in model.modules() if isinstance(m, deploy.SparseLinear)]
+    assert report["swapped"] == len(layers) > 0 and all(m.layout == layout for m in layers)
+    assert report["stored_bytes"] < 0.7 * report["dense_bytes"]
+    with caplog.at_level(logging.WARNING, logger="llmprune.deploy"):
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    out = model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_dense_weight_round_trips_exactly():
+    W = torch.randn(24, 40)
+    W[W.abs() < 0.8] = 0
+    layer = deploy.SparseLinear(W, None, formats.BITMASK)
+    assert torch.equal(layer.dense_weight(), W)
+
+
+def test_fallback_says_once_why(caplog):
+    deploy._warned.clear()
+    W = torch.randn(8, 16)
+    W[:, ::2] = 0
+    layer = deploy.SparseLinear(W, torch.zeros(8), formats.SPARSE24)
+    with caplog.at_level(logging.WARNING, logger="llmprune.deploy"):
+        layer(torch.randn(3, 16))
+        layer(torch.randn(3, 16))
+    messages = [r.message for r in caplog.records if "sparse kernels not used" in r.message]
+    assert len(messages) == 1 and "CUDA GPU" in messages[0]
+
+
+def test_dense_linears_stay():
+    model = tiny_model("llama")
+    assert deploy.sparsify(model)["swapped"] == 0
+
+
+def test_load_with_sparse_kernels(tmp_path):
+    import llmprune
+
+    model = tiny_model("llama")
+    calibrate.prune_model(model, None, method="magnitude", sparsity=0.5, pattern=Pattern(2, 4))
+    model.save_pretrained(tmp_path / "m")
+    from conftest import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    dense, _ = llmprune.load(str(tmp_path / "m"))
+    sparse, _ = llmprune.load(str(tmp_path / "m"), device="cpu", sparse_kernels=True)
+    assert any(isinstance(m, deploy.SparseLinear) for m in sparse.modules())
+    ids = windows(1, 8)
+    torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no CUDA GPU is visible")
+def test_bench_without_a_gpu_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    result = CliRunner().invoke(app, ["bench", str(tmp_path)])
+    assert result.exit_code == 2 and "needs a CUDA GPU" in result.stderr
