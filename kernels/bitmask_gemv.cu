@@ -8,15 +8,7 @@
 //
 // T: __half or __nv_bfloat16 (values and x), accumulation in float. MAXB: the most tokens per launch
 // (the accumulators live in registers, indexed only with compile-time constants).
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#include "common.cuh"
 
 template <typename T, int MAXB>
 __device__ void bitmask_gemv(const T* __restrict__ values, const int* __restrict__ row_start,
@@ -53,14 +45,7 @@ __device__ void bitmask_gemv(const T* __restrict__ values, const int* __restrict
         }
         base += total;
     }
-#pragma unroll
-    for (int b = 0; b < MAXB; ++b) {
-        if (b >= batch) break;
-        float s = acc[b];
-#pragma unroll
-        for (int d = 16; d > 0; d >>= 1) s += __shfl_down_sync(0xffffffffu, s, d);
-        if (lane == 0) y[(size_t)b * rows + row] = from_float<T>(s);
-    }
+    store_row<T, MAXB>(acc, y, rows, row, batch, lane);
 }
 
 #define DEFINE(NAME, T, MAXB)                                                                                  \

@@ -5,15 +5,7 @@
 // 32-bit word (`meta[o, g / 8]`, group g in bits 4*(g % 8) .. +3: low 2 bits the first index). One warp owns
 // one output row; each lane reads 8 consecutive values (4 groups, 16 bytes) and their 16 bits of metadata.
 // Bytes moved: half the weights plus 4 bits per group of 4 (9 bits per weight for fp16), vs 16 dense.
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#include "common.cuh"
 
 template <typename T, int MAXB>
 __device__ void sparse24_gemv(const T* __restrict__ values, const unsigned* __restrict__ meta,
@@ -44,14 +36,7 @@ __device__ void sparse24_gemv(const T* __restrict__ values, const unsigned* __re
                 if (b < batch) acc[b] += v0 * to_float(x[(size_t)b * cols + i0]) + v1 * to_float(x[(size_t)b * cols + i1]);
         }
     }
-#pragma unroll
-    for (int b = 0; b < MAXB; ++b) {
-        if (b >= batch) break;
-        float s = acc[b];
-#pragma unroll
-        for (int d = 16; d > 0; d >>= 1) s += __shfl_down_sync(0xffffffffu, s, d);
-        if (lane == 0) y[(size_t)b * rows + row] = from_float<T>(s);
-    }
+    store_row<T, MAXB>(acc, y, rows, row, batch, lane);
 }
 
 #define DEFINE(NAME, T, MAXB)                                                                                    \

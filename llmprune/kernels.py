@@ -137,7 +137,7 @@ def nvcc_compile(source: Path, arch: str, out: Path) -> Path:
     if nvcc is None:
         raise LlmpruneError("nvcc is not on PATH; install the CUDA toolkit to compile the kernels ahead of time.")
     cubin = out / f"{source.stem}.{arch}.cubin"
-    proc = subprocess.run([nvcc, "-cubin", "-std=c++17", "-O3", f"-arch={arch}", "-o", str(cubin), str(source)],
+    proc = subprocess.run([nvcc, "-cubin", "-std=c++17", "-O3", f"-arch={arch}", f"-I{source.parent}", "-o", str(cubin), str(source)],
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"nvcc failed on {source.name} for {arch}:\n{proc.stderr}")
@@ -158,7 +158,8 @@ def _module(source: str, device_index: int):
     device = cupy.cuda.Device(device_index)
     with device:
         code = (source_dir() / source).read_text()
-        return cupy.RawModule(code=code, options=("-std=c++17", f"--gpu-architecture=sm_{device.compute_capability}"))
+        return cupy.RawModule(code=code, options=("-std=c++17", f"--gpu-architecture=sm_{device.compute_capability}",
+                                                  f"-I{source_dir()}"))
 
 
 def _launch(source: str, name: str, grid: int, block: int, args: tuple, device: torch.device) -> None:
