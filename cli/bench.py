@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import print_json, setup_logging, user_errors
+from llmprune.cli.common import VERBOSE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -25,7 +25,7 @@ def bench(
     repeats: int = typer.Option(50, help="Timed runs per measurement (median reported)."),
     decode_tokens: int = typer.Option(128, help="Tokens generated for the end-to-end decode speed."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE,
 ):
     """Kernel speed per linear shape (dense cuBLAS, ours, torch's 2:4) and decode tokens/s, on a CUDA GPU."""
     setup_logging(verbose, quiet=json_output)

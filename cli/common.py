@@ -33,6 +33,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 # Options every command that loads a model shares (one definition, one help text).
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code.")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the Hub to run.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out directory.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 
 
 def fail(message: str) -> "typer.Exit":

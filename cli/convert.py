@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, print_json, setup_logging, user_errors
+from llmprune.cli.common import ALLOW_PICKLE, OVERWRITE, TRUST_REMOTE_CODE, VERBOSE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -21,11 +21,11 @@ def convert(
     directory: str = typer.Argument(..., help="A model directory (dense or compressed)."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory (written only when complete)."),
     format: str = typer.Option(..., "--format", help="dense or compressed."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
+    overwrite: bool = OVERWRITE,
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE,
 ):
     """Rewrite a checkpoint as dense safetensors or in the compressed sparse layout (the weights stay bit-identical)."""
     setup_logging(verbose, quiet=json_output)

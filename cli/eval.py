@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, print_json, setup_logging, user_errors
+from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, VERBOSE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -43,7 +43,7 @@ def eval_command(
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = typer.Option(False, "--json", help="Print every number as JSON on stdout."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not write the results into each llmprune output's llmprune.json."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE,
 ):
     """How much did pruning cost? Perplexity, divergence from the dense model and zero-shot accuracy."""
     setup_logging(verbose, quiet=json_output)

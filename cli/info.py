@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import print_json, setup_logging, user_errors
+from llmprune.cli.common import VERBOSE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -25,7 +25,7 @@ def info(
     directory: str = typer.Argument(..., help="A model directory (llmprune's, or any dense or compressed-tensors sparse checkpoint)."),
     plot: Optional[str] = typer.Option(None, help="Also draw per-block sparsity to this PNG file (needs matplotlib)."),
     json_output: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE,
 ):
     """What a checkpoint holds: per-linear sparsity and N:M check, dense vs stored bytes, recipe, versions, eval."""
     setup_logging(verbose, quiet=json_output)

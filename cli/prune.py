@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE, print_json, setup_logging, user_errors
+from llmprune.cli.common import ALLOW_PICKLE, OVERWRITE, TRUST_REMOTE_CODE, VERBOSE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -49,11 +49,11 @@ def prune(
     dtype: str = typer.Option("auto", help="auto (the model's own), float32, float16 or bfloat16; also the saved dtype."),
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
     format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out directory."),
+    overwrite: bool = OVERWRITE,
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE,
 ):
     """Prune MODEL layer by layer and save the pruned checkpoint (safetensors; the recipe used goes beside it)."""
     setup_logging(verbose, quiet=json_output)

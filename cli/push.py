@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from llmprune.cli.app import app
-from llmprune.cli.common import print_json, setup_logging, user_errors
+from llmprune.cli.common import VERBOSE, print_json, setup_logging, user_errors
 
 EXAMPLES = """
 Examples:
@@ -28,7 +28,7 @@ def push(
     revision: Optional[str] = typer.Option(None, help="Branch to upload to (created if missing)."),
     token: Optional[str] = typer.Option(None, help="Hub token with write access (default: HF_TOKEN, then the cached login)."),
     json_output: bool = typer.Option(False, "--json", help="Print what was uploaded as JSON."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE,
 ):
     """Upload DIRECTORY to the Hub as REPO_ID, with a README.md model card (method, sparsity, eval, how to load)."""
     setup_logging(verbose, quiet=json_output)

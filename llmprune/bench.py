@@ -16,7 +16,7 @@ from torch import nn
 
 from llmprune import deploy, formats
 from llmprune.errors import LlmpruneError
-from llmprune.models import find_blocks, find_linears, get_weight
+from llmprune.models import get_weight
 
 BATCHES = (1, 16, 2048)
 
@@ -65,15 +65,10 @@ def time_cuda(fn, inputs: list, *, warmup: int = 10, repeats: int = 50) -> float
 def kernel_table(model: nn.Module, *, dtype=torch.float16, batches=BATCHES, repeats: int = 50) -> list[dict]:
     """One row per distinct (shape, layout) of the model's pruned linears and token count."""
     require_gpu()
-    blocks_name, blocks = find_blocks(model)
     seen: dict[tuple, torch.Tensor] = {}
-    for i, block in enumerate(blocks):
-        for module in find_linears(block, f"{blocks_name}.{i}").values():
-            W = get_weight(module).detach()
-            if float((W == 0).float().mean()) < 0.3:
-                continue
-            layout = formats.choose_format({"w": W})
-            seen.setdefault((tuple(W.shape), layout), W)
+    for _, _, module in deploy.pruned_linears(model):
+        W = get_weight(module).detach()
+        seen.setdefault((tuple(W.shape), formats.choose_format({"w": W})), W)
     rows = []
     for (shape, layout), W in seen.items():
         W = W.to("cuda", dtype)

@@ -63,17 +63,15 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         reason = self._kernel_refusal(x)
-        if reason is None:
-            if self.layout == formats.SPARSE24:
-                y = kernels.sparse24_gemv(self.values, self.meta, x, self.in_features)
-            else:
-                y = kernels.bitmask_gemv(self.values, self.row_start, self.words, x, self.in_features)
+        if reason is None and self.layout == formats.SPARSE24:
+            y = kernels.sparse24_gemv(self.values, self.meta, x, self.in_features)
+        elif reason is None:
+            y = kernels.bitmask_gemv(self.values, self.row_start, self.words, x, self.in_features)
         else:
             if reason not in _warned:
                 _warned.add(reason)
                 log.warning("sparse kernels not used: %s; expanding the weight for each call instead", reason)
             y = nn.functional.linear(x, self.dense_weight().to(x.dtype))
-            return y if self.bias is None else y + self.bias.to(y.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _kernel_refusal(self, x: Tensor) -> str | None:
@@ -99,18 +97,24 @@ def sparsify(model: nn.Module, *, min_sparsity: float = 0.3) -> dict:
     A linear whose every group of 4 inputs keeps at most 2 takes the 2:4 layout, others the bitmask.
     Returns {"swapped": n, "dense_bytes": ..., "stored_bytes": ...} for the swapped weights.
     """
-    blocks_name, blocks = find_blocks(model)
     swapped, dense_bytes, stored = 0, 0, 0
-    for i, block in enumerate(blocks):
-        for name, module in find_linears(block, f"{blocks_name}.{i}").items():
-            W = get_weight(module)
-            if float((W == 0).float().mean()) < min_sparsity:
-                continue
-            sparse = SparseLinear.from_linear(module)
-            parent_name, _, child = name[len(f"{blocks_name}.{i}."):].rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, sparse)
-            swapped += 1
-            dense_bytes += W.numel() * W.element_size()
-            stored += sparse.stored_bytes()
+    for block, path, module in pruned_linears(model, min_sparsity):
+        sparse = SparseLinear.from_linear(module)
+        parent_name, _, child = path.rpartition(".")
+        setattr(block.get_submodule(parent_name) if parent_name else block, child, sparse)
+        W = get_weight(module)
+        swapped += 1
+        dense_bytes += W.numel() * W.element_size()
+        stored += sparse.stored_bytes()
     return {"swapped": swapped, "dense_bytes": dense_bytes, "stored_bytes": stored}
+
+
+def pruned_linears(model: nn.Module, min_sparsity: float = 0.3):
+    """(block, path inside the block, module) of every decoder-block linear at least `min_sparsity` sparse."""
+    blocks_name, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{i}"
+        for name, module in list(find_linears(block, prefix).items()):
+            W = get_weight(module)
+            if W.numel() - int(torch.count_nonzero(W)) >= min_sparsity * W.numel():
+                yield block, name[len(prefix) + 1:], module

@@ -86,12 +86,7 @@ class Recipe:
     def create(cls, *, sparsity: float | None = None, pattern: str = "unstructured", **kwargs) -> "Recipe":
         """Build a recipe, filling the sparsity an N:M pattern implies and normalising the pattern's spelling."""
         parsed = parse_pattern(pattern)
-        for name in ("targets", "ignore"):
-            if name in kwargs:
-                kwargs[name] = tuple(kwargs[name] or ())
-        if "overrides" in kwargs:
-            kwargs["overrides"] = _pairs(kwargs["overrides"])
-        return cls(sparsity=check_sparsity(sparsity, parsed), pattern=str(parsed), **kwargs)
+        return cls(sparsity=check_sparsity(sparsity, parsed), pattern=str(parsed), **_coerced(kwargs))
 
     def override(self, **changes) -> "Recipe":
         """A copy with some fields changed (e.g. from CLI flags). Changing the pattern alone re-derives the
@@ -138,22 +133,9 @@ class Recipe:
             close = {u: _closest(u, known) for u in unknown}
             hint = "; ".join(f"'{u}' (did you mean '{c}'?)" if c else f"'{u}'" for u, c in close.items())
             raise LlmpruneError(f"unknown recipe field(s) {hint}; allowed: {', '.join(known)}.")
-        data = dict(data)
-        for name in ("targets", "ignore"):
-            if name in data:
-                value = data[name]
-                if value is None:
-                    value = ()
-                elif isinstance(value, str):
-                    value = (value,)
-                elif not isinstance(value, (list, tuple)):
-                    raise LlmpruneError(f"{name} must be a list of regular expressions; got {value!r}.")
-                data[name] = tuple(value)
-        if "overrides" in data:
-            data["overrides"] = _pairs(data["overrides"])
         if implied or data.get("sparsity") is None:
             return cls.create(**data)
-        return cls(**data)
+        return cls(**_coerced(data))
 
     def to_yaml(self, comment: str | None = None) -> str:
         import yaml
@@ -232,6 +214,24 @@ def _regex(name: str, regex: str) -> None:
         re.compile(regex)
     except re.error as exc:
         raise LlmpruneError(f"{name}: '{regex}' is not a valid regular expression ({exc}); fix or quote it.") from None
+
+
+def _coerced(data: dict) -> dict:
+    """YAML/keyword spellings of the list fields as the dataclass holds them (tuples; overrides as pairs)."""
+    data = dict(data)
+    for name in ("targets", "ignore"):
+        if name in data:
+            value = data[name]
+            if value is None:
+                value = ()
+            elif isinstance(value, str):
+                value = (value,)
+            elif not isinstance(value, (list, tuple)):
+                raise LlmpruneError(f"{name} must be a list of regular expressions; got {value!r}.")
+            data[name] = tuple(value)
+    if "overrides" in data:
+        data["overrides"] = _pairs(data["overrides"])
+    return data
 
 
 def _pairs(overrides) -> tuple[tuple[str, float], ...]:
