@@ -15,7 +15,9 @@ Two schedules:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +26,7 @@ import greenlet
 import torch
 from torch import Tensor, nn
 
+from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern
 from llmprune.models import find_blocks, find_linears, get_weight, in_features, set_weight_
@@ -59,6 +62,25 @@ def default_microbatch(seqlen: int) -> int:
     return max(1, TOKENS_PER_MICROBATCH // max(seqlen, 1))
 
 
+class BlockStore:
+    """Where the loop gets block weights and where finished blocks go. This default keeps the whole model in
+    memory; a streaming store reads each block from disk in `load` and writes and drops it in `done`."""
+
+    def outside(self) -> contextlib.AbstractContextManager:
+        """Context in which the weights outside the blocks that the model runs before block 0 are present."""
+        return contextlib.nullcontext()
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Make block `index`'s weights present before it runs."""
+
+    def done(self, index: int, block: nn.Module, results: list[LinearResult], inputs: list[Tensor] | None) -> None:
+        """Block `index` is pruned; `inputs` are this process's micro-batches of the next block's inputs (None
+        after the last block, or without calibration data)."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Block `index` was only read (OWL's dense pass): drop what `load` brought in."""
+
+
 def prune_model(
     model: nn.Module,
     windows: Tensor | None,
@@ -72,46 +94,72 @@ def prune_model(
     microbatch: int | None = None,
     device: torch.device | str = "cpu",
     refine=None,
+    store: BlockStore | None = None,
+    start: int = 0,
+    inputs: list[Tensor] | None = None,
+    dist: Dist = SINGLE,
 ) -> list[LinearResult]:
     """Prune every target linear of every decoder block in place; returns one result per linear.
 
     windows: [nsamples, seqlen] token ids (None for methods that need no data). sparsity may be a
     function of the linear's full name (per-layer allocation). refine: a DSnoTConfig to run DSnoT
-    after the solver on every linear.
+    after the solver on every linear. store: where block weights come from and go (default: in memory).
+    start, inputs: resume at block `start` with its saved inputs (this process's micro-batches).
+    dist: under torch.distributed, this rank's share of the micro-batches runs here, statistics are summed
+    over ranks and the solves are spread over them.
     """
     device = torch.device(device)
+    store = store or BlockStore()
     sparsity_of = sparsity if callable(sparsity) else (lambda name, s=sparsity: s)
     blocks_name, blocks = find_blocks(model)
-    _check_some_target(blocks_name, blocks, ignore, targets)
+    if start == 0:  # a resumed run checked this before
+        _check_some_target(blocks_name, blocks, ignore, targets)
     results: list[LinearResult] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(blocks), desc="pruning", unit="block", disable=None, dynamic_ncols=True)
+    progress = _Progress(len(blocks), start, dist)
     with torch.no_grad():
         if not needs_data(method, refine):
-            for i, block in enumerate(blocks):
-                bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: {method}")
-                started = time.perf_counter()
+            for i in range(start, len(blocks)):
+                block = blocks[i]
+                progress.begin(i, method)
+                store.load(i, block)
                 linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
-                for name, module in linears.items():
-                    results.append(_prune_linear(make_solver(method, in_features(module), device), name, module,
-                                                 sparsity_of(name), pattern, None))
-                log.debug("block %d/%d pruned in %.2fs", i + 1, len(blocks), time.perf_counter() - started)
-                bar.update()
-            bar.close()
+                jobs = [(lambda module=module: _solo_solve(method, module, sparsity_of(name), pattern, device))
+                        for name, module in linears.items()]
+                solved = _distribute(dist, jobs, [[get_weight(m)] for m in linears.values()])
+                block_results = [_apply(name, module, W[0], sparsity_of(name), seconds, None)
+                                 for (name, module), (W, seconds) in zip(linears.items(), solved)]
+                results.extend(block_results)
+                store.done(i, block, block_results, None)
+                progress.end(i, 0)
+            progress.close()
             return results
         if windows is None:
             raise ValueError(f"method {method} needs calibration windows")
         microbatch = microbatch or default_microbatch(windows.shape[1])
-        captured = [_capture(model, blocks, chunk.to(device), device) for chunk in windows.split(microbatch)]
+        first, chunks = dist.share(windows.split(microbatch))
+        if not chunks:
+            raise LlmpruneError(f"{len(windows.split(microbatch))} calibration micro-batches cannot be shared by "
+                                f"{dist.world} processes; use more --nsamples or a smaller --microbatch.")
+        first_window = first * microbatch
+        with store.outside():
+            captured = [_capture(model, blocks, chunk.to(device), device) for chunk in chunks]
+        if inputs is not None:
+            if [tuple(x.shape) for x in inputs] != [tuple(c.hidden.shape) for c in captured]:
+                raise LlmpruneError("the saved block inputs do not match this run's calibration windows; "
+                                    "start over without --resume.")
+            for item, x in zip(captured, inputs):
+                item.hidden = x.to(device=device, dtype=item.hidden.dtype)
+        tokens = dist.sum_int(sum(c.hidden.shape[0] * c.hidden.shape[1] for c in captured))
         shared: dict[str, list[str]] = {}  # the previous block's input-sharing groups, relative to the block
-        for i, block in enumerate(blocks):
-            started = time.perf_counter()
-            bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: {'calibrating + pruning' if sequential else 'gathering statistics'}")
+        for i in range(start, len(blocks)):
+            block = blocks[i]
+            progress.begin(i, "calibrating + pruning" if sequential else "gathering statistics")
+            store.load(i, block)
             on_device = _to_device(block, device)
             prefix = f"{blocks_name}.{i}."
             predicted = {prefix + leader: [prefix + n for n in names] for leader, names in shared.items()}
-            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets), method, sparsity_of, pattern, device, predicted, refine)
+            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets), method, sparsity_of, pattern, device,
+                                  predicted, refine, dist, first_window)
             last = i == len(blocks) - 1
             if sequential:
                 outputs = _run_lockstep(on_device, i, captured, pruner)
@@ -119,10 +167,9 @@ def prune_model(
                 with pruner.hooks(sync=False):
                     for item in captured:
                         _run_block(on_device, i, item)
-                bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: pruning")
-                for name in list(pruner.order):
-                    pruner.prune(name)
-                bar.set_postfix_str(f"block {i + 1}/{len(blocks)}: propagating")
+                progress.doing(i, "pruning")
+                pruner.prune_all(list(pruner.order))
+                progress.doing(i, "propagating")
                 outputs = None if last else [_run_block(on_device, i, item) for item in captured]
             shared = {leader[len(prefix):]: [n[len(prefix):] for n in names]
                       for leader, names in pruner.shared_groups().items()}
@@ -135,11 +182,81 @@ def prune_model(
             if on_device is not block:
                 _to_device(block, torch.device("cpu"))
             results.extend(pruner.results)
-            log.info("block %d/%d: %d linears pruned in %.1fs", i + 1, len(blocks), len(pruner.results),
-                     time.perf_counter() - started)
-            bar.update()
-    bar.close()
+            store.done(i, block, pruner.results, None if last else [item.hidden for item in captured])
+            progress.end(i, tokens)
+    progress.close()
     return results
+
+
+class _Progress:
+    """The bar over blocks (rank 0 only): block i/N, what it does, tokens/s through the last block, memory, ETA."""
+
+    def __init__(self, total: int, start: int, dist: Dist):
+        from tqdm.auto import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, initial=start, desc="pruning", unit="block", disable=None if dist.main else True,
+                        dynamic_ncols=True)
+        self.rate = ""
+        self.started = time.perf_counter()
+
+    def begin(self, index: int, doing: str) -> None:
+        self.started = time.perf_counter()
+        self.doing(index, doing)
+
+    def doing(self, index: int, what: str) -> None:
+        self.bar.set_postfix_str(f"block {index + 1}/{self.total}: {what}{self.rate}, {memory_in_use()}")
+
+    def end(self, index: int, tokens: int) -> None:
+        seconds = time.perf_counter() - self.started
+        self.rate = f", {tokens / seconds:,.0f} tok/s" if tokens and seconds > 0 else ""
+        log.info("block %d/%d done in %.1fs%s, %s", index + 1, self.total, seconds, self.rate, memory_in_use())
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def memory_in_use() -> str:
+    """This process's resident memory (and the GPU's allocated memory when one is in use), for progress lines."""
+    parts = []
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as handle:
+            parts.append(f"RSS {int(handle.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30:.2f} GiB")
+    except OSError:  # not Linux: the peak is what the platform offers
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        parts.append(f"peak RSS {peak / (2**30 if os.uname().sysname == 'Darwin' else 2**20):.2f} GiB")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        parts.append(f"GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    return ", ".join(parts)
+
+
+def _solo_solve(method: str, module: nn.Module, sparsity: float, pattern: Pattern, device) -> tuple[list[Tensor], float]:
+    started = time.perf_counter()
+    W_new = make_solver(method, in_features(module), device).prune(get_weight(module), sparsity, pattern)
+    return [W_new], time.perf_counter() - started
+
+
+def _distribute(dist: Dist, jobs: list[Callable[[], tuple[list[Tensor], Any]]], templates: list[list[Tensor]],
+                offset: int = 0) -> list[tuple[list[Tensor], Any]]:
+    """Run the jobs round-robin over the ranks (job k on rank (offset + k) % world), then give every rank every
+    result: each job returns (weights, extra); weights are broadcast from their owner into tensors shaped like
+    `templates[k]`, extra goes as a pickled object. In a single process: just the jobs."""
+    if not dist.active:
+        return [job() for job in jobs]
+    owners = [(offset + k) % dist.world for k in range(len(jobs))]
+    mine = {k: job() for k, job in enumerate(jobs) if owners[k] == dist.rank}
+    out = []
+    for k, owner in enumerate(owners):
+        weights, extra = mine.get(k, (None, None))
+        if owner == dist.rank:
+            weights = [dist.broadcast_(W.contiguous(), owner) for W in weights]
+        else:
+            weights = [dist.broadcast_(torch.empty(t.shape, dtype=t.dtype, device=t.device), owner) for t in templates[k]]
+        out.append((weights, dist.broadcast_object(extra, owner)))
+    return out
 
 
 def _check_some_target(blocks_name: str, blocks, ignore: tuple[str, ...], targets: tuple[str, ...]) -> None:
@@ -159,12 +276,16 @@ def outlier_ratios(
     targets: tuple[str, ...] = (),
     microbatch: int | None = None,
     device: torch.device | str = "cpu",
+    store: BlockStore | None = None,
+    dist: Dist = SINGLE,
 ) -> tuple[list[float], list[int]]:
     """OWL's statistics of the dense model: each block's outlier ratio of Wanda scores, and its number of
-    prunable weights. One forward pass through the dense blocks."""
+    prunable weights. One forward pass through the dense blocks (`store.load` gives each block's weights;
+    nothing is written)."""
     from llmprune.allocation import outlier_ratio
 
     device = torch.device(device)
+    store = store or BlockStore()
     blocks_name, blocks = find_blocks(model)
     _check_some_target(blocks_name, blocks, ignore, targets)
     microbatch = microbatch or default_microbatch(windows.shape[1])
@@ -172,16 +293,21 @@ def outlier_ratios(
     from tqdm.auto import tqdm
 
     with torch.no_grad():
-        captured = [_capture(model, blocks, chunk.to(device), device) for chunk in windows.split(microbatch)]
-        for i, block in enumerate(tqdm(blocks, desc="outlier ratios", unit="block", disable=None, dynamic_ncols=True)):
+        _, chunks = dist.share(windows.split(microbatch))
+        with store.outside():
+            captured = [_capture(model, blocks, chunk.to(device), device) for chunk in chunks]
+        for i, block in enumerate(tqdm(blocks, desc="outlier ratios", unit="block", disable=None if dist.main else True,
+                                       dynamic_ncols=True)):
+            store.load(i, block)
             on_device = _to_device(block, device)
             linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
-            sq_norms: dict[str, Tensor] = {}
+            sq_norms = {name: torch.zeros(in_features(module), dtype=torch.float64, device=device)
+                        for name, module in linears.items()}
 
             def gather(name: str):
                 def hook(module, args):
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    sq_norms[name] = sq_norms.get(name, 0) + x.square().sum(0)
+                    sq_norms[name] += x.square().sum(0).double()
                 return hook
 
             handles = [module.register_forward_pre_hook(gather(name)) for name, module in linears.items()]
@@ -192,20 +318,15 @@ def outlier_ratios(
                     handle.remove()
             for item, out in zip(captured, outputs):
                 item.hidden = out
-            scores = [get_weight(module).abs().float() * sq_norms[name].sqrt() for name, module in linears.items()]
+            scores = [get_weight(module).abs().float() * dist.sum_(sq_norms[name]).sqrt().float()
+                      for name, module in linears.items()]
             ratios.append(outlier_ratio(scores, m) if scores else 0.0)
             sizes.append(sum(s.numel() for s in scores))
             if on_device is not block:
                 _to_device(block, torch.device("cpu"))
+            store.release(i, block)
             log.info("block %d/%d: outlier ratio %.4f", i + 1, len(blocks), ratios[-1])
     return ratios, sizes
-
-
-def _prune_linear(solver: Solver, name: str, module: nn.Module, sparsity: float, pattern: Pattern,
-                  leader: str | None) -> LinearResult:
-    started = time.perf_counter()
-    W_new = solver.prune(get_weight(module), sparsity, pattern)
-    return _apply(name, module, W_new, sparsity, time.perf_counter() - started, leader)
 
 
 def _apply(name: str, module: nn.Module, W_new: Tensor, target: float, seconds: float, leader: str | None) -> LinearResult:
@@ -220,18 +341,22 @@ class _BlockPruner:
     Linears that share a solver are pruned together in one solve when the solver supports it
     (``prune_many``). In the sequential schedule the group is not known yet when its first linear must
     be pruned, so it is predicted from the previous block; a member's stashed result is used only once
-    its own input has been seen to be the leader's, and recomputed otherwise.
+    its own input has been seen to be the leader's, and recomputed otherwise. Under torch.distributed a
+    solver's statistics are summed over the ranks before its first solve, and solves go round-robin.
     """
 
     def __init__(self, linears: dict[str, nn.Module], method: str, sparsity_of, pattern: Pattern, device,
-                 predicted: dict[str, list[str]] | None = None, refine=None):
+                 predicted: dict[str, list[str]] | None = None, refine=None, dist: Dist = SINGLE, first_window: int = 0):
         self.linears = linears
         self.refine = refine
         self.method, self.sparsity_of, self.pattern, self.device = method, sparsity_of, pattern, device
+        self.dist, self.first_window = dist, first_window
         self.predicted = predicted or {}  # leader name -> the other linears expected to share its input
         self.groups: dict[str, tuple[Solver, str]] = {}  # linear name -> (solver, name of the group's first linear)
         self._by_input: dict[tuple, tuple[Solver, str, Tensor]] = {}
         self._stashed: dict[str, tuple[Solver, Tensor, float, dict | None]] = {}
+        self._reduced: set[int] = set()  # ids of solvers whose statistics are summed over ranks
+        self._solves = 0
         self.order: list[str] = []
         self.pruned: set[str] = set()
         self.results: list[LinearResult] = []
@@ -244,7 +369,7 @@ class _BlockPruner:
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.storage_offset(), x._version, x.dtype)
             shared = self._by_input.get(key)
             if shared is None:
-                solver = make_solver(self.method, x.shape[-1], self.device, self.refine)
+                solver = make_solver(self.method, x.shape[-1], self.device, self.refine, self.first_window)
                 self._by_input[key] = (solver, name, x)  # holding x keeps its address from being reused
                 group = (solver, name)
             else:
@@ -265,35 +390,60 @@ class _BlockPruner:
         return groups
 
     def prune(self, name: str) -> None:
-        if name in self.pruned:
-            return
-        solver, leader = self.groups[name]
-        shared_with = None if leader == name else leader
-        stashed = self._stashed.pop(name, None)
-        if stashed is not None and stashed[0] is solver:
-            self._finish(name, *stashed[1:3], shared_with, stashed[3])
-            return
-        members = [name]
-        if leader == name and hasattr(solver, "prune_many"):
-            observed = [n for n, g in self.groups.items() if g[1] == name and n != name]
-            expected = [n for n in self.predicted.get(name, []) if n in self.linears and n not in self.groups]
-            members += [n for n in observed + expected if n not in self.pruned]
+        self.prune_all([name])
+
+    def prune_all(self, names: list[str]) -> None:
+        """Prune these linears (with the members of their groups); every rank solves its share, then all share."""
+        plans: list[tuple[str, Solver, list[str]]] = []
+        planned: set[str] = set()
+        for name in names:
+            if name in self.pruned or name in planned:
+                continue
+            solver, leader = self.groups[name]
+            stashed = self._stashed.pop(name, None)
+            if stashed is not None and stashed[0] is solver:
+                self._finish(name, *stashed[1:3], None if leader == name else leader, stashed[3])
+                continue
+            members = [name]
+            if leader == name and hasattr(solver, "prune_many"):
+                observed = [n for n, g in self.groups.items() if g[1] == name and n != name]
+                expected = [n for n in self.predicted.get(name, []) if n in self.linears and n not in self.groups]
+                members += [n for n in observed + expected if n not in self.pruned]
+            plans.append((name, solver, members))
+            planned.update(members)
+        for _, solver, _ in plans:
+            if id(solver) not in self._reduced:
+                solver.reduce_(self.dist.sum_)
+                self._reduced.add(id(solver))
+        jobs = [(lambda solver=solver, members=members: self._solve(solver, members)) for _, solver, members in plans]
+        templates = [[get_weight(self.linears[m]) for m in members] for _, _, members in plans]
+        solved = _distribute(self.dist, jobs, templates, offset=self._solves)
+        self._solves += len(jobs)
+        for (name, solver, members), (W_new, (seconds, refined)) in zip(plans, solved):
+            leader = self.groups[name][1]
+            rows = sum(W.shape[0] for W in W_new)
+            for member, W, refine in zip(members, W_new, refined):
+                share = seconds * W.shape[0] / rows
+                if member == name:
+                    self._finish(name, W, share, None if leader == name else leader, refine)
+                else:
+                    self._stashed[member] = (solver, W, share, refine)
+        for name in names:  # members solved with an earlier name of this call
+            stashed = self._stashed.get(name)
+            if name not in self.pruned and stashed is not None and name in planned and stashed[0] is self.groups[name][0]:
+                del self._stashed[name]
+                self._finish(name, *stashed[1:3], self.groups[name][1], stashed[3])
+
+    def _solve(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         started = time.perf_counter()
         if len(members) == 1:
-            W_new = [solver.prune(get_weight(self.linears[name]), self.sparsity_of(name), self.pattern)]
+            W_new = [solver.prune(get_weight(self.linears[members[0]]), self.sparsity_of(members[0]), self.pattern)]
         else:
             W_new = solver.prune_many([get_weight(self.linears[n]) for n in members],
                                       [self.sparsity_of(n) for n in members], self.pattern)
-        seconds = time.perf_counter() - started
-        rows = sum(W.shape[0] for W in W_new)
         reports = getattr(solver, "reports", None)
         refined = [reports.pop(0) for _ in W_new] if reports else [None] * len(W_new)
-        for member, W, refine in zip(members, W_new, refined):
-            share = seconds * W.shape[0] / rows
-            if member == name:
-                self._finish(name, W, share, shared_with, refine)
-            else:
-                self._stashed[member] = (solver, W, share, refine)
+        return W_new, (time.perf_counter() - started, refined)
 
     def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None) -> None:
         result = _apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)

@@ -3,7 +3,8 @@
 A solver holds statistics of a linear's inputs, never modules:
 ``add_batch(x)`` with x of shape [tokens, in_features] gathers them, and
 ``prune(W, sparsity, pattern)`` returns a new tensor shaped like W with zeros where pruned.
-Linears that read the same input share one solver (one Hessian, one inverse).
+Linears that read the same input share one solver (one Hessian, one inverse). Under torch.distributed,
+``reduce_(sum_)`` sums the statistics of every rank's share of the data before pruning.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class Solver(Protocol):
     needs_data: bool
 
     def add_batch(self, x: Tensor) -> None: ...
+
+    def reduce_(self, sum_: Callable[[Tensor], Tensor]) -> None: ...
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor: ...
 
@@ -49,9 +52,9 @@ SOLVERS: dict[str, Callable[[int, torch.device], Solver]] = {
 }
 
 
-def make_solver(method: str, columns: int, device: torch.device | str = "cpu", refine=None) -> Solver:
+def make_solver(method: str, columns: int, device: torch.device | str = "cpu", refine=None, first_window: int = 0) -> Solver:
     """A fresh solver for a linear (or group of linears) with `columns` inputs; `refine` (a DSnoTConfig)
-    puts DSnoT after it."""
+    puts DSnoT after it. first_window: the index of the first calibration window this process will show it."""
     try:
         factory = SOLVERS[method]
     except KeyError:
@@ -62,7 +65,7 @@ def make_solver(method: str, columns: int, device: torch.device | str = "cpu", r
     if refine is not None:
         from llmprune.solvers.dsnot import RefinedSolver
 
-        solver = RefinedSolver(solver, columns, torch.device(device), refine)
+        solver = RefinedSolver(solver, columns, torch.device(device), refine, first_window)
     return solver
 
 

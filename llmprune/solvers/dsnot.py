@@ -44,7 +44,8 @@ class DSnoTStats:
     even windows' half is gathered here, and the odd half is the difference.
     """
 
-    def __init__(self, columns: int, device: torch.device, hessian_from=None):
+    def __init__(self, columns: int, device: torch.device, hessian_from=None, first_window: int = 0):
+        self.first_window = first_window  # index of this process's first window among all (distributed ranks)
         self.sum = torch.zeros(columns, dtype=torch.float64, device=device)  # [in]
         self.sq_sum = torch.zeros(columns, dtype=torch.float64, device=device)  # [in]
         self.var_sum = torch.zeros(columns, dtype=torch.float64, device=device)  # Σ over windows of Var(x) in the window
@@ -62,7 +63,7 @@ class DSnoTStats:
         flat = windows.reshape(-1, x.shape[-1])  # [tokens, in]
         self.sum += flat.sum(0).double()
         self.sq_sum += flat.square().sum(0).double()
-        parity = (torch.arange(windows.shape[0]) + self.windows) % 2
+        parity = (torch.arange(windows.shape[0]) + self.first_window + self.windows) % 2
         even = windows[parity == 0].reshape(-1, x.shape[-1])
         if even.shape[0]:
             add_upper_(self._H_even, even, self._row_block)
@@ -72,6 +73,15 @@ class DSnoTStats:
                 add_upper_(self._H_odd, odd, self._row_block)
         self.windows += windows.shape[0]
         self.tokens += flat.shape[0]
+
+    def reduce_(self, sum_) -> None:
+        """Sum the statistics over distributed ranks (after which the window parity needs no offset)."""
+        for tensor in (self.sum, self.sq_sum, self.var_sum, self._H_even, self._H_odd):
+            if tensor is not None:
+                sum_(tensor)
+        counts = sum_(torch.tensor([self.windows, self.tokens], device=self.sum.device))
+        self.windows, self.tokens = int(counts[0]), int(counts[1])
+        self.first_window = 0
 
     def hessians(self) -> list[Tensor]:
         """Σ x xᵀ over the even and over the odd calibration windows, full and symmetric: [in, in] each
@@ -194,17 +204,21 @@ def dsnot_mask(W: Tensor, mask: Tensor, stats: DSnoTStats, pattern: Pattern, con
 class RefinedSolver:
     """A solver followed by DSnoT on each weight it prunes; keeps a refined row only where it lowers the output error."""
 
-    def __init__(self, base, columns: int, device: torch.device, config: DSnoTConfig = DSnoTConfig()):
+    def __init__(self, base, columns: int, device: torch.device, config: DSnoTConfig = DSnoTConfig(), first_window: int = 0):
         self.base = base
         self.needs_data = True
         self.config = config
-        self.stats = DSnoTStats(columns, device, hessian_from=base if hasattr(base, "H") else None)
+        self.stats = DSnoTStats(columns, device, hessian_from=base if hasattr(base, "H") else None, first_window=first_window)
         self.reports: list[dict] = []  # one per pruned weight, in the order pruned; read by the caller
 
     def add_batch(self, x: Tensor) -> None:
         if self.base.needs_data:
             self.base.add_batch(x)
         self.stats.add_batch(x)
+
+    def reduce_(self, sum_) -> None:
+        self.base.reduce_(sum_)
+        self.stats.reduce_(sum_)
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         return self._refine([W], [self.base.prune(W, sparsity, pattern)], pattern)[0]

@@ -14,6 +14,9 @@ class MagnitudeSolver:
     def add_batch(self, x: Tensor) -> None:
         pass
 
+    def reduce_(self, sum_) -> None:
+        pass
+
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         # W: [out, in]
         mask = select_mask(W.abs().float(), sparsity, pattern, per_row=False)

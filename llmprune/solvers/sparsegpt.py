@@ -49,6 +49,12 @@ class SparseGPTSolver:
         self.tokens += x.shape[0]
         self._factor = None
 
+    def reduce_(self, sum_) -> None:
+        """Sum the statistics over distributed ranks; `sum_` all-reduces a tensor in place."""
+        sum_(self.H)
+        self.tokens = int(sum_(torch.tensor([self.tokens], device=self.H.device)).item())
+        self._factor = None
+
     def _inverse_factor(self) -> tuple[Tensor, Tensor]:
         """Upper Cholesky factor of H⁻¹ (dampened), and the mask of dead inputs (never non-zero)."""
         if self._factor is None:

@@ -8,20 +8,29 @@ from llmprune.masks import Pattern, select_mask
 
 
 class WandaSolver:
-    """Keeps the squared L2 norm of every input feature over all calibration tokens."""
+    """Keeps the squared L2 norm of every input feature over all calibration tokens.
+
+    Each batch's fp32 sums are accumulated in fp64, where adding them is exact in practice, so the norms (and
+    the masks) do not depend on how the batches were grouped, e.g. across distributed ranks.
+    """
 
     needs_data = True
 
     def __init__(self, columns: int, device: torch.device):
-        self.sq_norms = torch.zeros(columns, dtype=torch.float32, device=device)  # [in]
+        self.sq_norms = torch.zeros(columns, dtype=torch.float64, device=device)  # [in]
         self.tokens = 0
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        self.sq_norms += x.square().sum(0)
+        self.sq_norms += x.square().sum(0).double()
         self.tokens += x.shape[0]
 
+    def reduce_(self, sum_) -> None:
+        """Sum the statistics over distributed ranks; `sum_` all-reduces a tensor in place."""
+        sum_(self.sq_norms)
+        self.tokens = int(sum_(torch.tensor([self.tokens], device=self.sq_norms.device)).item())
+
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
-        scores = W.abs().float() * self.sq_norms.sqrt()  # [out, in]
+        scores = W.abs().float() * self.sq_norms.sqrt().float()  # [out, in]
         mask = select_mask(scores, sparsity, pattern, per_row=True)
         return W.masked_fill(mask, 0)
