@@ -20,6 +20,12 @@ Examples:
   llmprune prune smollm2 --recipe owl-dsnot-70 --calib wikitext2-valid --out m70   # a shipped recipe, one field changed
 
   llmprune prune ./model.gguf --method magnitude --pattern 4:8 --ignore 'mlp\\.down_proj' --out m48
+
+  llmprune prune meta-llama/Llama-3.1-70B --method sparsegpt --pattern 2:4 --stream --out l70   # RAM < model
+
+  torchrun --nproc-per-node 8 -m llmprune prune MODEL --method wanda --sparsity 0.5 --out m        # 8 processes
+
+  llmprune prune MODEL --method wanda --sparsity 0.5 --out m --resume    # after a crash or Ctrl-C
 """
 
 
@@ -48,6 +54,8 @@ def prune(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (the model's own), float32, float16 or bfloat16; also the saved dtype."),
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run kept in OUT.partial/ (same options) after its last finished block."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read one decoder block at a time from the safetensors shards, so memory holds about one block, not the model. [default: when the model would take over half the free memory]"),
     format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
     overwrite: bool = OVERWRITE,
     allow_pickle: bool = ALLOW_PICKLE,
@@ -55,8 +63,15 @@ def prune(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     verbose: bool = VERBOSE,
 ):
-    """Prune MODEL layer by layer and save the pruned checkpoint (safetensors; the recipe used goes beside it)."""
-    setup_logging(verbose, quiet=json_output)
+    """Prune MODEL layer by layer and save the pruned checkpoint (safetensors; the recipe used goes beside it).
+
+    Work in progress lives in OUT.partial/ and becomes OUT/ only when complete. Under torchrun every process
+    takes a share of the calibration data and of the solves; rank 0 writes and reports.
+    """
+    import os
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    setup_logging(verbose, quiet=json_output or not main_rank)
     from llmprune.api import prune as run_prune
     from llmprune.recipe import Recipe, load_recipe
 
@@ -66,10 +81,18 @@ def prune(
              "targets": tuple(target) if target else None, "ignore": tuple(ignore) if ignore else None}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = load_recipe(recipe).override(**given) if recipe else Recipe.create(**given)
-    _, report = run_prune(
-        model, recipe=chosen, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
-        microbatch=microbatch, format=format, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-    )
+    from llmprune.distributed import shutdown
+
+    try:
+        _, report = run_prune(
+            model, recipe=chosen, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
+            microbatch=microbatch, format=format, resume=resume, stream=stream, allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        shutdown()
+    if not main_rank:
+        return
     if json_output:
         print_json(report)
     else:

@@ -54,38 +54,71 @@ def prune(
     dtype: str | None = None,
     microbatch: int | None = None,
     format: str = "compressed",
+    resume: bool = False,
+    stream: bool | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     **recipe_fields,
 ):
-    """Prune a model; returns (model, report). Writes the dense checkpoint to `out` when given.
+    """Prune a model; returns (model, report), the model None when it was streamed. Writes the checkpoint to `out`.
 
     model_or_path: Hub id, local directory, .gguf file, the alias 'smollm2' (default), or a loaded
     model (then pass its tokenizer for calibration). format: 'compressed' (compressed-tensors sparse
     layout, the default) or 'dense' (zeros stored; loads with plain transformers). Recipe fields (method, sparsity, pattern,
     calibration, nsamples, seqlen, seed, ignore, sequential) may be passed directly instead of `recipe`.
+    With `out`, the run's state lives in OUT.partial/ until OUT/ is complete; resume=True continues it.
+    stream: read one decoder block at a time from the safetensors shards (None: when the model would not fit
+    in half the free memory). Under torchrun, the calibration data and the solves are shared by the processes.
 
     >>> model, report = prune("smollm2", method="wanda", sparsity=0.5, calibration="wikitext2-valid",
     ...                       nsamples=16, seqlen=256)                                # doctest: +SKIP
     """
+    from llmprune import distributed, streaming
+
     started = time.perf_counter()
     if recipe is None:
         recipe = Recipe.create(**recipe_fields)
     elif recipe_fields:
         raise TypeError(f"pass either recipe= or recipe fields, not both: {sorted(recipe_fields)}")
     checkpoint.check_format(format)
-    target = checkpoint.check_output(out, overwrite=overwrite) if out is not None else None
+    if out is None and (resume or stream):
+        raise LlmpruneError(f"{'--resume' if resume else '--stream'} needs --out: the finished blocks are kept beside it.")
     compute = resolve_device(device)
+    dist = distributed.from_environment(compute)
+    compute = distributed.local_device(compute)
+    target = checkpoint.check_output(out, overwrite=overwrite) if out is not None else None
+    partial = streaming.partial_path(out) if out is not None else None
+    progress = None
+    if partial is not None and partial.exists():
+        if not resume:
+            raise LlmpruneError(f"{partial} holds an unfinished run; continue it with --resume (same options), "
+                                f"or delete it to start over: rm -r '{partial}'")
+        progress = streaming.PartialRun.read_progress(partial)
+    elif resume:
+        log.info("nothing to resume in %s; starting from the first block", partial)
+    dist.barrier()  # every rank has looked before rank 0 may create OUT.partial
 
     timings = {}
+    shards = None
     if isinstance(model_or_path, nn.Module):
+        if stream:
+            raise LlmpruneError("--stream reads a model directory block by block; pass its path, not a loaded model.")
         model, source = model_or_path, {"spec": type(model_or_path).__name__, "kind": "module"}
         if dtype is not None:
             model.to(models.parse_dtype(dtype))
     else:
-        model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
-                                                  trust_remote_code=trust_remote_code)
-        source = asdict(src)
+        src = models.resolve_source(model_or_path)
+        stream_dir = _stream_directory(src, stream, dtype, dist)
+        if stream_dir is not None:
+            from transformers import AutoTokenizer
+
+            shards = streaming.ShardSource(stream_dir)
+            model = shards.build(models.parse_dtype(dtype), trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(str(stream_dir), trust_remote_code=trust_remote_code)
+        else:
+            model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
+                                                          trust_remote_code=trust_remote_code)
+        source = {**asdict(src), "streamed": shards is not None}
     timings["load_s"] = time.perf_counter() - started
 
     seqlen = recipe.seqlen
@@ -98,7 +131,8 @@ def prune(
 
     refine = recipe.dsnot
     windows = None
-    if needs_data(recipe.method, refine) or recipe.allocation == "owl":
+    data_needed = needs_data(recipe.method, refine)
+    if data_needed or recipe.allocation == "owl":
         if tokenizer is None:
             raise LlmpruneError(f"this recipe ({recipe.method}, {recipe.allocation}, refine {recipe.refine}) needs calibration text, "
                                 "so pass the model's tokenizer too.")
@@ -107,55 +141,151 @@ def prune(
                                            seqlen=seqlen, seed=recipe.seed)
         timings["data_s"] = time.perf_counter() - t0
 
-    allocated = None
-    if recipe.allocation == "owl":
+    model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    run = None
+    if target is not None:
+        options = {"model": source["spec"], "recipe": recipe.to_dict(), "seqlen": seqlen, "dtype": model_dtype,
+                   "microbatch": microbatch or (calibrate.default_microbatch(seqlen) if windows is not None else None),
+                   "processes": dist.world}
+        run = streaming.PartialRun(partial, model, options=options, dist=dist, source=shards)
+    try:
+        start, inputs, allocated = 0, None, None
+        if progress is not None:
+            inputs = run.resume(progress, needs_inputs=data_needed)
+            start, allocated, notes = run.done_blocks, run.extra.get("allocation"), run.extra.get("notes", notes)
+            log.info("resuming %s after block %d of %d", partial, start, run.total)
+        if recipe.allocation == "owl" and allocated is None:
+            t0 = time.perf_counter()
+            allocated = _owl(model, windows, recipe, microbatch, compute, run, dist)
+            timings["allocation_s"] = time.perf_counter() - t0
+        sparsity_of = _sparsity_of(model, recipe, allocated["block_sparsity"] if allocated else None)
+        if run is not None and progress is None:
+            run.start({"allocation": allocated, "notes": notes})
+
         t0 = time.perf_counter()
-        allocated = _owl(model, windows, recipe, microbatch, compute)
-        timings["allocation_s"] = time.perf_counter() - t0
-    sparsity_of = _sparsity_of(model, recipe, allocated["block_sparsity"] if allocated else None)
+        results = calibrate.prune_model(
+            model, windows, method=recipe.method, sparsity=sparsity_of, pattern=recipe.parsed_pattern,
+            ignore=recipe.ignore, targets=recipe.targets, sequential=recipe.sequential, microbatch=microbatch,
+            device=compute, refine=refine, store=run, start=start, inputs=inputs, dist=dist,
+        ) if run is None or start < run.total else []
+        timings["prune_s"] = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        if run is not None and run.done_blocks:
+            raise LlmpruneError(f"interrupted after {run.done_blocks} of {run.total} blocks; continue with --resume "
+                                f"(the finished blocks are kept in {partial}).") from None
+        raise
+    except BaseException:
+        if run is not None and progress is None and run.done_blocks == 0:
+            run.remove()  # nothing worth resuming
+        raise
 
-    t0 = time.perf_counter()
-    results = calibrate.prune_model(
-        model, windows, method=recipe.method, sparsity=sparsity_of, pattern=recipe.parsed_pattern,
-        ignore=recipe.ignore, targets=recipe.targets, sequential=recipe.sequential, microbatch=microbatch,
-        device=compute, refine=refine,
-    )
-    timings["prune_s"] = time.perf_counter() - t0
-
-    total = sum(r.shape[0] * r.shape[1] for r in results)
-    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in results)
+    linears = run.results if run is not None else [asdict(r) for r in results]
+    total = sum(r["shape"][0] * r["shape"][1] for r in linears)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in linears)
     report = {
         "recipe": recipe.to_dict(),
         "seqlen_used": seqlen,
         "notes": notes,
         "model": source,
         "model_class": type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": model_dtype,
         "device": str(compute),
+        "processes": dist.world,
         "sparsity": zeros / total,
         "allocation": allocated,
-        "linears": [asdict(r) for r in results],
+        "linears": linears,
         "timings": timings,
         "versions": versions(),
     }
+    if progress is not None:
+        report["resumed_after_block"] = start
     if target is not None:
         t0 = time.perf_counter()
         report["output"] = str(target)
-        checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
-                        targets={r.name for r in results if r.sparsity > 0},
-                        files={RECIPE_FILE: recipe.to_yaml("the recipe this checkpoint was pruned with; "
-                                                           "`llmprune prune MODEL --recipe recipe.yaml` reproduces its masks")})
+        files = {RECIPE_FILE: recipe.to_yaml("the recipe this checkpoint was pruned with; "
+                                             "`llmprune prune MODEL --recipe recipe.yaml` reproduces its masks")}
+        pruned = {r["name"] for r in linears if r["sparsity"] > 0}
+        if dist.main:
+            if shards is not None:
+                run.assemble(target, tokenizer=tokenizer, fmt=format, targets=pruned, report=report, files=files,
+                             overwrite=overwrite)
+            else:
+                checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
+                                targets=pruned, files=files)
+            run.remove()
+        dist.barrier()
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
-    return model, report
+    return (None if shards is not None else model), report
 
 
-def _owl(model, windows, recipe: Recipe, microbatch: int | None, device) -> dict:
+def _stream_directory(src: models.ModelSource, stream: bool | None, dtype: str | None, dist) -> Path | None:
+    """The safetensors directory to stream from, or None to load the model whole: --stream forces streaming,
+    --no-stream forbids it, and by default a model streams when it would take more than half the free memory."""
+    if stream is False:
+        return None
+    if src.kind == "gguf":
+        if stream:
+            raise LlmpruneError("--stream reads safetensors shards; a GGUF model is converted in memory: drop --stream.")
+        return None
+    directory = Path(src.path) if src.kind == "dir" else _hub_snapshot(src.path)
+    if directory is None:
+        if stream:
+            raise LlmpruneError(f"could not fetch the safetensors shards of '{src.spec}' to stream them; check the name "
+                                "and your network, or pass a local directory.")
+        return None
+    if checkpoint.read_format(directory) is not None:
+        if stream:
+            raise LlmpruneError(f"{directory} is a compressed checkpoint; streaming reads dense safetensors: drop --stream.")
+        return None
+    if stream:
+        return directory
+    size = sum(f.stat().st_size for f in checkpoint.weight_files(directory) if f.is_file())
+    wanted = models.parse_dtype(dtype)
+    if wanted is not None:
+        import json
+
+        config = json.loads((directory / "config.json").read_text())
+        stored = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+        size = size * wanted.itemsize // stored.itemsize
+    free = _free_memory()
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if free is None or size <= free / 2 / processes:
+        return None
+    log.warning("streaming: the model (%.1f GB) would take more than half the free memory (%.1f GB%s); its blocks are "
+                "read from disk one at a time", size / 1e9, free / 1e9, f" for {processes} processes" if processes > 1 else "")
+    return directory
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """A local copy of a Hub model's safetensors, configs and tokenizer (None offline or without safetensors)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as exc:  # offline, gated, missing: the ordinary loader reports it better
+        log.debug("no snapshot of %s: %s", repo_id, exc)
+        return None
+    return path if list(path.glob("*.safetensors")) else None
+
+
+def _free_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _owl(model, windows, recipe: Recipe, microbatch: int | None, device, store, dist) -> dict:
     """OWL's per-block sparsities from the dense model's outlier ratios."""
     from llmprune import allocation
 
     ratios, sizes = calibrate.outlier_ratios(model, windows, m=recipe.owl_m, ignore=recipe.ignore, targets=recipe.targets,
-                                             microbatch=microbatch, device=device)
+                                             microbatch=microbatch, device=device, store=store, dist=dist)
     live = [i for i, size in enumerate(sizes) if size]
     chosen = allocation.owl([ratios[i] for i in live], recipe.sparsity, lam=recipe.owl_lambda, weights=[sizes[i] for i in live])
     block_sparsity = [0.0] * len(sizes)

@@ -557,7 +557,7 @@ def _outside_blocks_to(model: nn.Module, blocks: nn.ModuleList, device: torch.de
     def visit(module: nn.Module) -> None:
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
-                if tensor is not None and tensor.device != device:
+                if tensor is not None and tensor.device != device and tensor.device.type != "meta":  # meta: streamed, unused
                     moved.append((store, name, tensor))
                     if isinstance(tensor, nn.Parameter):
                         store[name] = nn.Parameter(tensor.data.to(device), requires_grad=tensor.requires_grad)

@@ -1,0 +1,392 @@
+"""Pruning that survives crashes and models larger than memory.
+
+`PartialRun` keeps a run's state in OUT.partial/ (each finished block's weights, the next block's inputs,
+a progress record) so `--resume` continues after the last finished block. `ShardSource` builds the model
+on the meta device and reads each decoder block's weights from the safetensors shards only while that
+block is processed; the pruned blocks are then assembled into OUT/ without the model ever being whole in
+memory. Both plug into the loop as a `calibrate.BlockStore`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from llmprune import checkpoint, formats
+from llmprune.calibrate import BlockStore, LinearResult
+from llmprune.distributed import SINGLE, Dist
+from llmprune.errors import LlmpruneError
+from llmprune.models import find_blocks, get_weight
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+STATE_VERSION = 1
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    out = Path(out).expanduser()
+    return out.with_name(out.name + ".partial")
+
+
+# ---- reading a model block by block ---------------------------------------------------------------
+
+
+class ShardSource:
+    """The safetensors shards of a model directory, read tensor by tensor into a model built on the meta device."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.directory = Path(directory)
+        self.file_of: dict[str, Path] = {}
+        files = checkpoint.weight_files(self.directory)
+        if not files:
+            raise LlmpruneError(f"{self.directory} holds no .safetensors weights; streaming reads safetensors shards.")
+        for file in files:
+            if not file.is_file():
+                raise LlmpruneError(f"{self.directory}: shard {file.name} named by model.safetensors.index.json is missing; "
+                                    "download the model again.")
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():
+                        self.file_of[key] = file
+            except (SafetensorError, OSError) as exc:
+                raise LlmpruneError(f"could not read {file.name} ({exc}); the file is truncated or corrupted.") from None
+        self._handles: dict[Path, object] = {}
+        self.key_of: dict[str, str] = {}  # parameter name in the model -> tensor name in the shards
+
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.file_of.values()))
+
+    def build(self, dtype: torch.dtype | None, trust_remote_code: bool = False) -> nn.Module:
+        """The model with every parameter on the meta device (buffers real), mapped to the shards' tensors."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(self.directory), trust_remote_code=trust_remote_code)
+        if dtype is None:
+            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.dtype = dtype
+        self._map(model)
+        return model.eval()
+
+    def _map(self, model: nn.Module) -> None:
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        seen: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            for key in (name, name[len(prefix):] if name.startswith(prefix) else None):
+                if key is not None and key in self.file_of:
+                    self.key_of[name] = key
+                    seen[id(param)] = key
+                    break
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if name not in self.key_of and id(param) in seen:  # tied to a stored tensor (lm_head = embeddings)
+                self.key_of[name] = seen[id(param)]
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if name not in self.key_of:
+                raise LlmpruneError(
+                    f"{self.directory}: tensor '{name}' is missing from the safetensors shards (or stored under a name "
+                    "that transformers converts when loading); download the model again, or prune without --stream.")
+
+    def _read(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        file = self.file_of[key]
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt")
+        return handle.get_tensor(key)
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        """Read the parameters of `module` (named `prefix` in the model) from the shards, in the run's dtype."""
+        for name, owner, leaf, param in _parameters(module):
+            self._set(owner, leaf, param, f"{prefix}.{name}" if prefix else name)
+
+    def materialize_names(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        for name in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = modules[owner_name]
+            self._set(owner, leaf, owner._parameters[leaf], name)
+
+    def _set(self, owner: nn.Module, leaf: str, param: Tensor, full: str) -> None:
+        tensor = self._read(self.key_of[full])
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise LlmpruneError(f"{self.directory}: tensor '{self.key_of[full]}' has shape {tuple(tensor.shape)}, "
+                                f"the model's config wants {tuple(param.shape)}; the checkpoint does not fit its config.")
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Put `module`'s parameters back on the meta device, freeing their memory."""
+        for _, owner, leaf, param in _parameters(module):
+            owner._parameters[leaf] = _meta(param)
+
+    @staticmethod
+    def release_names(model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        for name in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = modules[owner_name]
+            owner._parameters[leaf] = _meta(owner._parameters[leaf])
+
+    def outside_keys(self, model: nn.Module) -> list[str]:
+        """Tensors of the shards that are not inside the decoder blocks, in shard order."""
+        blocks_name, _ = find_blocks(model)
+        inside = {key for name, key in self.key_of.items() if name.startswith(blocks_name + ".")}
+        return [key for key in self.file_of if key not in inside]
+
+    def read_outside(self, key: str) -> Tensor:
+        tensor = self._read(key)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def _meta(param: Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+
+
+def _parameters(module: nn.Module):
+    for owner_name, owner in module.named_modules():
+        for leaf, param in list(owner._parameters.items()):
+            if param is not None:
+                yield (f"{owner_name}.{leaf}" if owner_name else leaf), owner, leaf, param
+
+
+# ---- the state of a run in OUT.partial/ --------------------------------------------------------------
+
+
+class PartialRun(BlockStore):
+    """OUT.partial/: `blocks/block-NNNNN.safetensors` (each finished block's parameters by full name),
+    `inputs-rankR.safetensors` (that rank's micro-batches of the next block's inputs) and `progress.json`
+    (options, blocks done, per-linear results), each replaced atomically, progress last."""
+
+    def __init__(self, path: Path, model: nn.Module, *, options: dict, dist: Dist = SINGLE,
+                 source: ShardSource | None = None):
+        self.path, self.model, self.options, self.dist, self.source = path, model, options, dist, source
+        self.blocks_name, blocks = find_blocks(model)
+        self.total = len(blocks)
+        self.done_blocks = 0
+        self.results: list[dict] = []
+        self.extra: dict = {}  # run-level facts to keep (allocation, notes)
+        self.sparse24: list[bool] = []  # per finished block: every pruned linear holds 2:4
+
+    # -- starting --
+    def start(self, extra: dict) -> None:
+        if self.dist.main:
+            (self.path / "blocks").mkdir(parents=True, exist_ok=True)
+        self.extra = extra
+        self.dist.barrier()
+        if self.dist.main:
+            self._write_progress()
+
+    @classmethod
+    def read_progress(cls, path: Path) -> dict:
+        try:
+            progress = json.loads((path / PROGRESS_FILE).read_text())
+            if progress.get("state_version") != STATE_VERSION:
+                raise ValueError(f"state version {progress.get('state_version')}, this llmprune writes {STATE_VERSION}")
+            int(progress["done"]), progress["options"], progress["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LlmpruneError(f"{path} is corrupted ({PROGRESS_FILE}: {exc}); delete it to start over: rm -r '{path}'") from None
+        return progress
+
+    def resume(self, progress: dict, needs_inputs: bool = True) -> list[Tensor] | None:
+        """Take up a partial run: check its options, put the finished blocks' weights in place (in memory) and
+        return this rank's saved inputs of the next block (None when every block is done or none are needed)."""
+        differ = [f"{k} {self.options.get(k)!r} (the partial run had {progress['options'].get(k)!r})"
+                  for k in sorted(set(self.options) | set(progress["options"]))
+                  if self.options.get(k) != progress["options"].get(k)]
+        if differ:
+            raise LlmpruneError(f"--resume with different options than the partial run in {self.path}: {'; '.join(differ)}; "
+                                f"rerun with the same options, or delete it to start over: rm -r '{self.path}'")
+        self.done_blocks, self.results = int(progress["done"]), list(progress["results"])
+        self.extra, self.sparse24 = progress.get("extra", {}), list(progress.get("sparse24", []))
+        _, blocks = find_blocks(self.model)
+        if self.source is None:
+            for i in range(self.done_blocks):
+                self._load_block(i, blocks[i])
+        if self.done_blocks >= self.total or not needs_inputs:
+            return None
+        return self._read_inputs()
+
+    def _corrupt(self, what: str) -> LlmpruneError:
+        return LlmpruneError(f"{self.path} is corrupted ({what}); delete it to start over: rm -r '{self.path}'")
+
+    def _block_file(self, index: int) -> Path:
+        return self.path / "blocks" / f"block-{index:05d}.safetensors"
+
+    def _load_block(self, index: int, block: nn.Module) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        prefix = f"{self.blocks_name}.{index}."
+        try:
+            state = load_file(str(self._block_file(index)))
+            block.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise self._corrupt(f"block {index}: {str(exc).splitlines()[0]}") from None
+
+    def _read_inputs(self) -> list[Tensor]:
+        from safetensors import SafetensorError, safe_open
+
+        file = self.path / f"inputs-rank{self.dist.rank}.safetensors"
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                block = int((handle.metadata() or {}).get("block", -1))
+                inputs = [handle.get_tensor(str(k)) for k in range(len(handle.keys()))]
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise self._corrupt(f"{file.name}: {str(exc).splitlines()[0]}") from None
+        if block != self.done_blocks:
+            raise self._corrupt(f"{file.name} holds the inputs of block {block}, progress says {self.done_blocks}")
+        return inputs
+
+    # -- BlockStore --
+    def outside(self):
+        if self.source is None:
+            return contextlib.nullcontext()
+        return self._outside()
+
+    @contextlib.contextmanager
+    def _outside(self):
+        """The weights the model runs before block 0 (embeddings, ...): every parameter outside the blocks but
+        the output embedding's own, read for the capture and released after it."""
+        output = self.model.get_output_embeddings()
+        output_name = next((n for n, m in self.model.named_modules() if m is output), None) if output is not None else None
+        names = [n for n, _ in self.model.named_parameters()
+                 if not n.startswith(self.blocks_name + ".") and (output_name is None or not n.startswith(output_name + "."))]
+        self.source.materialize_names(self.model, names)
+        try:
+            yield
+        finally:
+            self.source.release_names(self.model, names)
+
+    def load(self, index: int, block: nn.Module) -> None:
+        if self.source is not None:
+            self.source.materialize(block, f"{self.blocks_name}.{index}")
+
+    def release(self, index: int, block: nn.Module) -> None:
+        if self.source is not None:
+            self.source.release(block)
+
+    def done(self, index: int, block: nn.Module, results: list[LinearResult], inputs: list[Tensor] | None) -> None:
+        from dataclasses import asdict
+
+        from safetensors.torch import save_file
+
+        if self.dist.main:
+            prefix = f"{self.blocks_name}.{index}."
+            state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            _atomic_save(save_file, state, self._block_file(index))
+            pruned = {r.name for r in results if r.sparsity > 0}
+            modules = dict(block.named_modules())
+            self.sparse24.append(all(
+                formats.choose_format({n: get_weight(modules[n[len(prefix):]])}) == formats.SPARSE24 for n in pruned))
+        if inputs is not None:
+            tensors = {str(k): x.detach().to("cpu").contiguous() for k, x in enumerate(inputs)}
+            _atomic_save(save_file, tensors, self.path / f"inputs-rank{self.dist.rank}.safetensors",
+                         metadata={"block": str(index + 1)})
+        self.dist.barrier()
+        self.done_blocks = index + 1
+        self.results.extend(asdict(r) for r in results)
+        if self.dist.main:
+            self._write_progress()
+        if self.source is not None:
+            self.source.release(block)
+
+    def _write_progress(self) -> None:
+        record = {"state_version": STATE_VERSION, "blocks": self.total, "done": self.done_blocks, "options": self.options,
+                  "results": self.results, "extra": self.extra, "sparse24": self.sparse24}
+        tmp = self.path / f".{PROGRESS_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, self.path / PROGRESS_FILE)
+
+    def remove(self) -> None:
+        if self.dist.main:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- the final directory, from the finished blocks (streaming) --
+    def assemble(self, target: Path, *, tokenizer, fmt: str, targets: set[str], report: dict, files: dict[str, str],
+                 overwrite: bool = False) -> Path:
+        """Write OUT/ from the finished blocks and the source's other tensors: one shard per block plus one for
+        the rest, an index, config.json (with the sparsity block when compressed), tokenizer and text files."""
+        from safetensors.torch import save_file
+
+        source = self.source
+        compressed = fmt == "compressed" and bool(targets)
+        layout = formats.SPARSE24 if compressed and all(self.sparse24) else formats.BITMASK
+        shards = self.total + 1
+        weight_map: dict[str, str] = {}
+        sizes: dict[str, dict] = {}
+        zeros = total = 0
+        linears: set[str] = set()
+        with checkpoint.atomic_directory(target, overwrite=overwrite) as tmp:
+            for i in range(self.total):
+                from safetensors.torch import load_file
+
+                state = load_file(str(self._block_file(i)))
+                out: dict[str, Tensor] = {}
+                for name, tensor in state.items():
+                    key = source.key_of.get(name, name)
+                    module = name[: -len(".weight")] if name.endswith(".weight") else None
+                    if module is not None and tensor.dim() == 2:
+                        linears.add(key[: -len(".weight")])
+                    if compressed and module in targets:
+                        parts = formats.compress(layout, tensor)
+                        stem = key[: -len(".weight")]
+                        out.update({f"{stem}.{part}": t for part, t in parts.items()})
+                        sizes[stem] = {"dense_bytes": tensor.numel() * tensor.element_size(),
+                                       "stored_bytes": formats.stored_bytes(parts)}
+                        zeros += tensor.numel() - int(torch.count_nonzero(tensor))
+                        total += tensor.numel()
+                    else:
+                        out[key] = tensor
+                shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+                save_file(out, str(tmp / shard), metadata={"format": "pt"})
+                weight_map.update({key: shard for key in out})
+            rest = {key: source.read_outside(key).contiguous() for key in source.outside_keys(self.model)}
+            linears.update(key[: -len(".weight")] for key, t in rest.items() if key.endswith(".weight") and t.dim() == 2)
+            shard = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+            save_file(rest, str(tmp / shard), metadata={"format": "pt"})
+            weight_map.update({key: shard for key in rest})
+            index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            config = json.loads((source.directory / "config.json").read_text())
+            config["dtype"] = str(source.dtype).replace("torch.", "")
+            config.pop("torch_dtype", None)
+            report["format"] = fmt
+            if compressed:
+                config["quantization_config"] = formats.sparsity_config(
+                    layout, global_sparsity=zeros / max(total, 1), structure="2:4" if layout == formats.SPARSE24 else "unstructured",
+                    ignore=sorted(linears - set(sizes)))
+                report["format"] = layout
+                report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
+                                   "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            generation = source.directory / "generation_config.json"
+            if generation.is_file():
+                shutil.copyfile(generation, tmp / generation.name)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+            (tmp / checkpoint.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        return target
+
+
+def _atomic_save(save_file, tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
