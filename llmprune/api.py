@@ -169,14 +169,12 @@ def prune(
             device=compute, refine=refine, store=run, start=start, inputs=inputs, dist=dist,
         ) if run is None or start < run.total else []
         timings["prune_s"] = time.perf_counter() - t0
-    except KeyboardInterrupt:
-        if run is not None and run.done_blocks:
-            raise LlmpruneError(f"interrupted after {run.done_blocks} of {run.total} blocks; continue with --resume "
-                                f"(the finished blocks are kept in {partial}).") from None
-        raise
-    except BaseException:
+    except BaseException as exc:
         if run is not None and progress is None and run.done_blocks == 0:
             run.remove()  # nothing worth resuming
+        elif run is not None and isinstance(exc, KeyboardInterrupt):
+            raise LlmpruneError(f"interrupted after {run.done_blocks} of {run.total} blocks; continue with --resume "
+                                f"(the finished blocks are kept in {partial}).") from None
         raise
 
     linears = run.results if run is not None else [asdict(r) for r in results]
@@ -206,12 +204,16 @@ def prune(
                                              "`llmprune prune MODEL --recipe recipe.yaml` reproduces its masks")}
         pruned = {r["name"] for r in linears if r["sparsity"] > 0}
         if dist.main:
-            if shards is not None:
-                run.assemble(target, tokenizer=tokenizer, fmt=format, targets=pruned, report=report, files=files,
-                             overwrite=overwrite)
-            else:
-                checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
-                                targets=pruned, files=files)
+            try:
+                if shards is not None:
+                    run.assemble(target, tokenizer=tokenizer, fmt=format, targets=pruned, report=report, files=files,
+                                 overwrite=overwrite)
+                else:
+                    checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
+                                    targets=pruned, files=files)
+            except KeyboardInterrupt:
+                raise LlmpruneError(f"interrupted while saving {target}; nothing of it was written, and every pruned "
+                                    f"block is kept in {partial}: rerun with --resume to save without pruning again.") from None
             run.remove()
         dist.barrier()
         timings["save_s"] = time.perf_counter() - t0

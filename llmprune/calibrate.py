@@ -123,7 +123,7 @@ def prune_model(
                 progress.begin(i, method)
                 store.load(i, block)
                 linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
-                jobs = [(lambda module=module: _solo_solve(method, module, sparsity_of(name), pattern, device))
+                jobs = [(lambda name=name, module=module: _solo_solve(method, module, sparsity_of(name), pattern, device))
                         for name, module in linears.items()]
                 solved = _distribute(dist, jobs, [[get_weight(m)] for m in linears.values()])
                 block_results = [_apply(name, module, W[0], sparsity_of(name), seconds, None)
@@ -210,7 +210,9 @@ class _Progress:
     def end(self, index: int, tokens: int) -> None:
         seconds = time.perf_counter() - self.started
         self.rate = f", {tokens / seconds:,.0f} tok/s" if tokens and seconds > 0 else ""
-        log.info("block %d/%d done in %.1fs%s, %s", index + 1, self.total, seconds, self.rate, memory_in_use())
+        # one log line per block where no bar shows progress (logs to a file, batch jobs), else it goes to debug
+        log.log(logging.DEBUG if self.bar.disable is False else logging.INFO, "block %d/%d done in %.1fs%s, %s",
+                index + 1, self.total, seconds, self.rate, memory_in_use())
         self.bar.update()
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ class ShardSource:
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.tie_weights()  # tied on the meta device too, so lm_head maps to the stored embeddings
         self.dtype = dtype
         self._map(model)
         return model.eval()

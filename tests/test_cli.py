@@ -15,7 +15,7 @@ def run(*args):
 
 def assert_user_error(result, *fragments):
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]  # progress may precede
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -136,8 +136,13 @@ def test_ctrl_c_while_saving_leaves_nothing(model_dir, text_file, tmp_path, monk
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
-    assert_user_error(run(*prune_args(model_dir, text_file, out, "--method", "magnitude")), "interrupted")
-    assert list(work.iterdir()) == []
+    assert_user_error(run(*prune_args(model_dir, text_file, out, "--method", "magnitude")), "interrupted while saving",
+                      "--resume")
+    assert [p.name for p in work.iterdir()] == ["out.partial"]  # no half-written output; the pruned blocks are kept
+    monkeypatch.undo()
+    result = run(*prune_args(model_dir, text_file, out, "--method", "magnitude", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
 
 
 def test_eval_bad_input(tmp_path, model_dir):

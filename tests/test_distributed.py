@@ -1,0 +1,66 @@
+"""torch.distributed (gloo, spawned by the test through torchrun) gives the single-process result."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmprune.distributed import Dist
+from test_streaming import sharded_model, tensors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@given(st.integers(0, 40), st.integers(1, 9))
+def test_shares_are_contiguous_balanced_and_cover_everything(n, world):
+    items = list(range(n))
+    shares = [Dist(rank, world).share(items) for rank in range(world)]
+    assert [x for _, share in shares for x in share] == items
+    assert all(start == (share[0] if share else start) for start, share in shares)
+    sizes = [len(share) for _, share in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "llmprune", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("wanda", ["--sparsity", "0.5"]),
+    ("sparsegpt", ["--pattern", "2:4", "--two-pass", "--refine", "dsnot"]),
+])
+def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra):
+    model = str(sharded_model(tmp_path / "m"))
+    args = ["prune", model, "--method", method, *extra, "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32",
+            "--microbatch", "2", "--device", "cpu", "--format", "dense"]
+    one = torchrun(1, [*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, [*args, "--out", str(tmp_path / "two"), "--json"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert '"processes": 2' in two.stdout  # rank 0 alone reports
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key] == 0, b[key] == 0), f"{key}: masks differ"
+        if method == "wanda":
+            assert torch.equal(a[key], b[key]), key
+        else:  # SparseGPT's Hessian is summed in another order: values may differ in the last bits
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_more_processes_than_micro_batches_is_a_clear_error(tmp_path, text_file):
+    model = str(sharded_model(tmp_path / "m", layers=2))
+    run = torchrun(2, ["prune", model, "--method", "wanda", "--calib", str(text_file), "--nsamples", "1", "--seqlen", "32",
+                       "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert run.returncode != 0
+    assert "1 calibration micro-batches cannot be shared by 2 processes; use more --nsamples" in run.stderr
+    assert "Traceback" not in run.stderr.split("error:")[0][-200:]
