@@ -106,6 +106,16 @@ def same_masks(a: Path, b: Path) -> bool:
     return set(ta) == set(tb) and all(torch.equal(ta[k] == 0, tb[k] == 0) for k in ta)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", required=True, help="calibration text file (e.g. ../shared/data/wikitext2/valid.txt)")
@@ -120,7 +130,7 @@ def main() -> None:
 
     work = Path(args.workdir)
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    info = {"git": git, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    info = {"git": git, "machine": cpu_name(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "method": "wanda 50%",
             "calibration": "8 x 512", "width": {"hidden": args.hidden, "intermediate": args.intermediate}}
     print(json.dumps(info))
