@@ -81,6 +81,16 @@ def render(result: dict) -> None:
                           f" · DSnoT ({r.get('dsnot_cycles')} cycles)" if r.get("refine") == "dsnot" else ""])
         console.print(f"recipe: {r.get('method')} · sparsity {r.get('sparsity')} · {r.get('pattern')}{extras} · calibration "
                       f"{r.get('nsamples')}×{r.get('seqlen')} of {r.get('calibration')} · seed {r.get('seed')}")
+    experts = result.get("experts") or []
+    if experts:
+        table = Table(title="experts: calibration tokens routed to each (from llmprune.json)")
+        for col, justify in (("expert projection", "left"), ("tokens", "right"), ("sparsity", "right"), ("pruned by", "left")):
+            table.add_column(col, justify=justify)
+        method = (result.get("recipe") or {}).get("method", "")
+        for row in experts:
+            table.add_row(row["name"], str(row["tokens"]), f"{row['sparsity']:.2%}",
+                          f"[yellow]{row['fallback']} (too few tokens)[/yellow]" if row["fallback"] else method)
+        console.print(table)
     if result.get("versions"):
         console.print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     evaluation = result.get("eval") or {}

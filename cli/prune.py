@@ -125,6 +125,12 @@ def _render(report: dict) -> None:
         total_rows = sum(r["rows"] for r in refined)
         console.print(f"DSnoT kept {rows} of {total_rows} rows refined ({sum(r['swaps'] for r in refined)} swaps); "
                       f"summed output error on the calibration data {after / before if before else 1:.4f}× the solver's")
+    fallbacks = [row for row in report["linears"] if row.get("fallback")]
+    if fallbacks:
+        console.print(f"[yellow]{len(fallbacks)} expert projections saw fewer calibration tokens than their input width and "
+                      f"were pruned by {fallbacks[0]['fallback']}; add calibration data to reach them: "
+                      + ", ".join(f"{row['name']} ({row['tokens']} tokens)" for row in fallbacks[:8])
+                      + (" ..." if len(fallbacks) > 8 else "") + "[/yellow]")
     t = report["timings"]
     calibration = (f"calibration {recipe['nsamples']} × {report['seqlen_used']} tokens of {recipe['calibration']}"
                    if "data_s" in t else "no calibration data needed")

@@ -113,9 +113,15 @@ def prune(
             from transformers import AutoTokenizer
 
             shards = streaming.ShardSource(stream_dir)
-            model = shards.build(models.parse_dtype(dtype), trust_remote_code=trust_remote_code)
+            try:
+                model = shards.build(models.parse_dtype(dtype), trust_remote_code=trust_remote_code)
+            except LlmpruneError as exc:
+                if stream:
+                    raise
+                log.warning("cannot stream this checkpoint (%s); loading it whole", exc)
+                shards = None
             tokenizer = AutoTokenizer.from_pretrained(str(stream_dir), trust_remote_code=trust_remote_code)
-        else:
+        if shards is None:
             model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
                                                           trust_remote_code=trust_remote_code)
         source = {**asdict(src), "streamed": shards is not None}
@@ -129,6 +135,9 @@ def prune(
         log.warning("--seqlen %d exceeds the model's max positions; using %d", seqlen, limit)
         seqlen = limit
 
+    if recipe.allocation == "owl" and any(models.is_experts(m) for m in model.modules()):
+        raise LlmpruneError("--allocation owl does not cover mixture-of-experts blocks yet (their outlier ratios would "
+                            "leave out the experts); use --allocation uniform.")
     refine = recipe.dsnot
     windows = None
     data_needed = needs_data(recipe.method, refine)

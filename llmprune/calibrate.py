@@ -29,11 +29,13 @@ from torch import Tensor, nn
 from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern
-from llmprune.models import find_blocks, find_linears, get_weight, in_features, set_weight_
+from llmprune.models import (ExpertProjection, expert_hidden, find_blocks, find_linears, get_weight, in_features,
+                             routing, set_weight_)
 from llmprune.solvers import Solver, make_solver, needs_data
 
 log = logging.getLogger(__name__)
 
+FALLBACK = "magnitude"  # for experts that saw fewer calibration tokens than their input width
 TOKENS_PER_MICROBATCH = 2048  # keeps the block's activations cache-sized on CPUs; measured fastest for SmolLM2
 
 
@@ -46,6 +48,8 @@ class LinearResult:
     seconds: float
     shares_statistics_with: str | None = None
     refine: dict | None = None  # what DSnoT changed: rows refined, swaps, output error before and after
+    tokens: int | None = None  # calibration tokens routed to this expert projection (experts only)
+    fallback: str | None = None  # the method used instead, for an expert that saw too few tokens
 
 
 @dataclass
@@ -122,7 +126,7 @@ def prune_model(
                 block = blocks[i]
                 progress.begin(i, method)
                 store.load(i, block)
-                linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
+                linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets, experts=True)
                 jobs = [(lambda name=name, module=module: _solo_solve(method, module, sparsity_of(name), pattern, device))
                         for name, module in linears.items()]
                 solved = _distribute(dist, jobs, [[get_weight(m)] for m in linears.values()])
@@ -158,7 +162,7 @@ def prune_model(
             on_device = _to_device(block, device)
             prefix = f"{blocks_name}.{i}."
             predicted = {prefix + leader: [prefix + n for n in names] for leader, names in shared.items()}
-            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets), method, sparsity_of, pattern, device,
+            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets, experts=True), method, sparsity_of, pattern, device,
                                   predicted, refine, dist, first_window)
             last = i == len(blocks) - 1
             if sequential:
@@ -262,7 +266,7 @@ def _distribute(dist: Dist, jobs: list[Callable[[], tuple[list[Tensor], Any]]], 
 
 
 def _check_some_target(blocks_name: str, blocks, ignore: tuple[str, ...], targets: tuple[str, ...]) -> None:
-    if not any(find_linears(block, f"{blocks_name}.{i}", ignore, targets) for i, block in enumerate(blocks)):
+    if not any(find_linears(block, f"{blocks_name}.{i}", ignore, targets, experts=True) for i, block in enumerate(blocks)):
         if targets:
             raise LlmpruneError(f"no linear layer is left to prune: targets {list(targets)} less ignore {list(ignore)} "
                                 f"match none of {blocks_name}.*; fix the regexes.")
@@ -359,18 +363,23 @@ class _BlockPruner:
         self._stashed: dict[str, tuple[Solver, Tensor, float, dict | None]] = {}
         self._reduced: set[int] = set()  # ids of solvers whose statistics are summed over ranks
         self._solves = 0
+        self.tokens: dict[str, int] = {}  # tokens each expert projection saw (on this rank until summed)
+        self.fallback: dict[str, str] = {}
         self.order: list[str] = []
         self.pruned: set[str] = set()
         self.results: list[LinearResult] = []
 
-    def observe(self, name: str, x: Tensor) -> None:
+    def observe(self, name: str, x: Tensor, own: bool = False) -> None:
+        """Show linear `name` an input batch; own=True gives it a solver of its own (an expert's routed tokens)."""
         if name in self.pruned:
             return
         group = self.groups.get(name)
         if group is None:
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.storage_offset(), x._version, x.dtype)
-            shared = self._by_input.get(key)
-            if shared is None:
+            shared = None if own else self._by_input.get(key)
+            if own:
+                group = (make_solver(self.method, x.shape[-1], self.device, self.refine, self.first_window), name)
+            elif shared is None:
                 solver = make_solver(self.method, x.shape[-1], self.device, self.refine, self.first_window)
                 self._by_input[key] = (solver, name, x)  # holding x keeps its address from being reused
                 group = (solver, name)
@@ -379,7 +388,9 @@ class _BlockPruner:
             self.groups[name] = group
             self.order.append(name)
         solver, leader = group
-        if leader == name:
+        if own:
+            self.tokens[name] = self.tokens.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+        if leader == name and x.numel():
             solver.add_batch(x)
 
     def shared_groups(self) -> dict[str, list[str]]:
@@ -417,6 +428,7 @@ class _BlockPruner:
             if id(solver) not in self._reduced:
                 solver.reduce_(self.dist.sum_)
                 self._reduced.add(id(solver))
+        self._fallbacks(plans)
         jobs = [(lambda solver=solver, members=members: self._solve(solver, members)) for _, solver, members in plans]
         templates = [[get_weight(self.linears[m]) for m in members] for _, _, members in plans]
         solved = _distribute(self.dist, jobs, templates, offset=self._solves)
@@ -436,6 +448,19 @@ class _BlockPruner:
                 del self._stashed[name]
                 self._finish(name, *stashed[1:3], self.groups[name][1], stashed[3])
 
+    def _fallbacks(self, plans: list) -> None:
+        """Experts that saw fewer tokens than their input width are pruned by magnitude (said in the results)."""
+        routed = [k for k, (name, _, _) in enumerate(plans) if name in self.tokens]
+        if not routed:
+            return
+        counts = torch.tensor([self.tokens[plans[k][0]] for k in routed], dtype=torch.int64, device=self.device)
+        for k, count in zip(routed, self.dist.sum_(counts).tolist()):
+            name, _, members = plans[k]
+            self.tokens[name] = int(count)
+            if count < in_features(self.linears[name]):
+                plans[k] = (name, make_solver(FALLBACK, in_features(self.linears[name]), self.device), members)
+                self.fallback[name] = FALLBACK
+
     def _solve(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         started = time.perf_counter()
         if len(members) == 1:
@@ -450,6 +475,7 @@ class _BlockPruner:
     def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None) -> None:
         result = _apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)
         result.refine = refine
+        result.tokens, result.fallback = self.tokens.get(name), self.fallback.get(name)
         self.results.append(result)
         self.pruned.add(name)
 
@@ -458,19 +484,51 @@ class _BlockPruner:
 
 
 class _Hooks:
+    """Forward pre-hooks that show each linear's input to the pruner; in lockstep they also pause the micro-batch
+    until every micro-batch has arrived and the linear is pruned. A fused experts module gets one hook that shows
+    each expert the tokens routed to it: first to its first projections, then (once those are pruned) what its
+    down projections read."""
+
     def __init__(self, pruner: _BlockPruner, sync: bool):
         self.pruner, self.sync, self.handles = pruner, sync, []
 
     def __enter__(self):
+        experts: dict[int, tuple[nn.Module, list[str]]] = {}
         for name, module in self.pruner.linears.items():
-            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+            if isinstance(module, ExpertProjection):
+                experts.setdefault(id(module.experts), (module.experts, []))[1].append(name)
+            else:
+                self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+        for module, names in experts.values():
+            self.handles.append(module.register_forward_pre_hook(self._experts_hook(names), with_kwargs=True))
         return self
+
+    def _wait(self, names: list[str]) -> None:
+        waiting = tuple(n for n in names if n not in self.pruner.pruned)
+        if self.sync and waiting:
+            greenlet.getcurrent().parent.switch(("sync", waiting))
 
     def _hook(self, name: str):
         def hook(module, args):
             self.pruner.observe(name, args[0])
-            if self.sync and name not in self.pruner.pruned:
-                greenlet.getcurrent().parent.switch(("sync", name))
+            self._wait([name])
+        return hook
+
+    def _experts_hook(self, names: list[str]):
+        projections = {name: self.pruner.linears[name] for name in names}
+
+        def hook(module, args, kwargs):
+            hidden, index, _ = routing(module, args, kwargs)
+            routed = [(index == e).any(-1).nonzero().squeeze(-1) for e in range(module.num_experts)]
+            first = [n for n, p in projections.items() if p.param != "down_proj"]
+            down = [n for n, p in projections.items() if p.param == "down_proj"]
+            for name in first:
+                self.pruner.observe(name, hidden[routed[projections[name].index]], own=True)
+            self._wait(first)
+            for name in down:
+                e = projections[name].index
+                self.pruner.observe(name, expert_hidden(module, e, hidden[routed[e]]), own=True)
+            self._wait(down)
         return hook
 
     def __exit__(self, *exc):
@@ -505,7 +563,7 @@ def _run_lockstep(block: nn.Module, index: int, captured: list[_Captured], prune
             if len(kinds) != 1:
                 raise RuntimeError(f"micro-batches took different paths through block {index}: {kinds}")
             if events[0][0] == "sync":
-                pruner.prune(events[0][1])
+                pruner.prune_all(list(events[0][1]))
     return outputs
 
 

@@ -69,7 +69,9 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
             tokenizer.save_pretrained(tmp)
         report["format"] = fmt
         if fmt == "compressed" and targets:
-            written = compress_directory(tmp, targets)
+            modules = {name for name, _ in model.named_modules()}
+            also = _split_experts(model) if set(targets) - modules else None
+            written = compress_directory(tmp, targets & modules, also=also)
             report["format"] = written["format"]
             sizes = written["linears"]
             report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
@@ -105,10 +107,26 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
         modules = dict(model.named_modules())
         # store compressed only the linears whose zeros make the compressed layout smaller
         targets = {n for n in names if _worth_compressing(models.get_weight(modules[n]))}
+        targets |= {p.name for i, block in enumerate(blocks) for p in models.find_linears(block, f"{blocks_name}.{i}", experts=True).values()
+                    if isinstance(p, models.ExpertProjection) and _worth_compressing(p.weight_view)}
     report.setdefault("converted_from", str(source))
     target = save(model, tokenizer, out, report=report, fmt=fmt, targets=targets, overwrite=overwrite)
     size = sum(f.stat().st_size for f in weight_files(target))
     return {"source": str(source), "output": str(target), "format": report.get("format", fmt), "bytes": size}
+
+
+def _split_experts(model):
+    """Which saved tensors hold pruned experts: transformers saves fused experts split per expert under names that
+    are no module of the model (`...experts.3.gate_proj.weight`); those inside the blocks that have enough zeros."""
+    from llmprune import models
+
+    blocks_name, _ = models.find_blocks(model)
+    modules = {name for name, _ in model.named_modules()}
+
+    def chosen(key: str, W: Tensor) -> bool:
+        return (key.startswith(blocks_name + ".") and key.endswith(".weight") and W.dim() == 2
+                and key[: -len(".weight")] not in modules and _worth_compressing(W))
+    return chosen
 
 
 def _worth_compressing(W) -> bool:
@@ -221,9 +239,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None) -> dict:
-    """Rewrite the dense safetensors of a saved model in place: every `T.weight` with T in targets is
-    stored compressed, and config.json gets the compressed-tensors block. Returns sizes per target.
+def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None) -> dict:
+    """Rewrite the dense safetensors of a saved model in place: every `T.weight` with T in targets (or for which
+    also(key, tensor) holds) is stored compressed, and config.json gets the compressed-tensors block. Returns
+    sizes per target.
 
     `directory` must be a temporary directory the caller renames when complete (see checkpoint.py).
     """
@@ -237,8 +256,8 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
         with safe_open(str(file), framework="pt") as handle:
             loaded[file] = {key: handle.get_tensor(key) for key in handle.keys()}
     chosen = {k[: -len(".weight")]: v for tensors in loaded.values() for k, v in tensors.items()
-              if k.endswith(".weight") and k[: -len(".weight")] in targets}
-    if set(chosen) != set(targets):
+              if k.endswith(".weight") and (k[: -len(".weight")] in targets or (also is not None and also(k, v)))}
+    if not set(targets) <= set(chosen):
         raise ValueError(f"weights not found in the checkpoint: {sorted(set(targets) - set(chosen))[:5]}")
     fmt = fmt or formats.choose_format(chosen)
     sizes: dict[str, dict] = {}
@@ -288,7 +307,12 @@ def load_compressed(directory: str | Path, fmt: str, *, dtype=None):
     if dtype is None:
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    fused = _has_converted_names(config, state)
     try:
+        if fused:  # names transformers converts when loading (experts split per expert): let it convert them
+            model_class = AutoModelForCausalLM._model_mapping[type(config)]
+            model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+            return model.eval()
         with no_init_weights():  # every weight comes from the checkpoint: skip the random init
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -305,6 +329,16 @@ def load_compressed(directory: str | Path, fmt: str, *, dtype=None):
         raise LlmpruneError(f"the weights of {directory} do not fit its config (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}); the checkpoint is incomplete or corrupted.")
     return model.eval()
+
+
+def _has_converted_names(config, state: dict[str, Tensor]) -> bool:
+    """Whether some stored tensor is no parameter of the model built from `config` (checked on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        names = set(AutoModelForCausalLM.from_config(config).state_dict())
+    return bool(set(state) - names)
 
 
 def load_model(spec: str | None, *, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
@@ -415,6 +449,8 @@ def describe(directory: str | Path) -> dict:
             "directory_ratio": files_bytes / (files_bytes - stored_linear + dense_linear),
         },
         "recipe": report.get("recipe"),
+        "experts": [{k: r.get(k) for k in ("name", "tokens", "fallback", "sparsity")}
+                    for r in report.get("linears", []) if r.get("tokens") is not None or r.get("fallback")],
         "versions": report.get("versions"),
         "eval": report.get("eval"),
     }

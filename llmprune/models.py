@@ -220,22 +220,105 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def find_linears(block: nn.Module, prefix: str, ignore: tuple[str, ...] = (),
-                 targets: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+                 targets: tuple[str, ...] = (), experts: bool = False) -> dict[str, nn.Module | ExpertProjection]:
     """Target linears of a block by full name: those matching a targets regex (all, without targets),
-    less those matching an ignore regex."""
+    less those matching an ignore regex. The router of a mixture-of-experts block is left out unless a
+    targets regex names it; with experts=True each expert's projections come too, as ExpertProjections
+    named `EXPERTS.PARAM.E` (e.g. `model.layers.0.mlp.experts.gate_up_proj.3`)."""
     skip = [re.compile(p) for p in ignore]
     keep = [re.compile(p) for p in targets]
+    routers = {id(m) for m in _routers(block)}
     found = {}
     for name, module in block.named_modules():
-        if is_target(module):
-            full = f"{prefix}.{name}"
-            if (not keep or any(p.search(full) for p in keep)) and not any(p.search(full) for p in skip):
+        full = f"{prefix}.{name}"
+        chosen = (not keep or any(p.search(full) for p in keep)) and not any(p.search(full) for p in skip)
+        if id(module) in routers:  # pruned only where a targets regex names it
+            if chosen and any(p.search(full) for p in keep):
                 found[full] = module
+        elif is_target(module):
+            if chosen:
+                found[full] = module
+        elif experts and is_experts(module):
+            for projection in expert_projections(module, full):
+                if (not keep or any(p.search(projection.name) for p in keep)) and not any(p.search(projection.name) for p in skip):
+                    found[projection.name] = projection
     return found
 
 
-def get_weight(module: nn.Module) -> Tensor:
+# --- mixture of experts: transformers 5 keeps all experts of a block in fused 3-D parameters -------------
+
+def is_experts(module: nn.Module) -> bool:
+    """A fused experts module of transformers 5 (`@use_experts_implementation`): num_experts, the layout flags,
+    and 3-D [experts, out, in] (or, transposed, [experts, in, out]) projection parameters."""
+    return (isinstance(getattr(module, "num_experts", None), int) and hasattr(module, "is_transposed")
+            and isinstance(getattr(module, "down_proj", None), nn.Parameter) and module.down_proj.dim() == 3)
+
+
+def _first_projection(experts: nn.Module) -> str:
+    return "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+
+
+@dataclass(frozen=True)
+class ExpertProjection:
+    """One expert's projection inside a fused experts module: reads and writes a [out, in] view of the 3-D
+    parameter, so the solvers see an ordinary weight."""
+
+    experts: nn.Module
+    param: str  # "gate_up_proj", "up_proj" or "down_proj"
+    index: int
+    name: str
+
+    @property
+    def weight_view(self) -> Tensor:
+        W = getattr(self.experts, self.param).data[self.index]
+        return W.t() if self.experts.is_transposed else W
+
+
+def expert_projections(experts: nn.Module, prefix: str) -> list[ExpertProjection]:
+    return [ExpertProjection(experts, param, e, f"{prefix}.{param}.{e}")
+            for param in (_first_projection(experts), "down_proj") for e in range(experts.num_experts)]
+
+
+def expert_hidden(experts: nn.Module, index: int, x: Tensor) -> Tensor:
+    """What expert `index`'s down projection reads for tokens x [t, hidden]: its first projection (plus bias),
+    then the module's own gating (`_apply_gate`) or activation, by transformers' experts contract."""
+    first = _first_projection(experts)
+    W = getattr(experts, first)[index]
+    out = x @ W if experts.is_transposed else x @ W.t()
+    if getattr(experts, "has_bias", False):
+        out = out + getattr(experts, f"{first}_bias")[index]
+    return experts._apply_gate(out) if getattr(experts, "has_gate", True) else experts.act_fn(out)
+
+
+def routing(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden_states [tokens, hidden], top-k expert indices [tokens, k], their weights [tokens, k]) from a
+    call of a fused experts module, whatever its parameters are named."""
+    import inspect
+
+    forward = inspect.unwrap(type(experts).forward)
+    bound = inspect.signature(forward).bind(experts, *args, **kwargs)
+    values = [v for k, v in bound.arguments.items() if k != "self"]
+    hidden, index, weights = values[:3]
+    return hidden.reshape(-1, hidden.shape[-1]), index.reshape(hidden.reshape(-1, hidden.shape[-1]).shape[0], -1), weights
+
+
+def _routers(block: nn.Module) -> list[nn.Module]:
+    """What chooses experts: siblings of a fused experts module holding a 2-D weight with at most num_experts
+    rows (Mixtral's and Qwen-MoE's gate, which need not be nn.Linear, and Qwen2-MoE's shared_expert_gate)."""
+    found = []
+    for module in block.modules():
+        children = list(module.children())
+        experts = [c for c in children if is_experts(c)]
+        if experts:
+            found += [c for c in children if not list(c.children()) and isinstance(getattr(c, "weight", None), nn.Parameter)
+                      and c.weight.dim() == 2 and c.weight.shape[0] <= experts[0].num_experts]
+    return found
+
+
+def get_weight(module: nn.Module | ExpertProjection) -> Tensor:
     """The weight as [out, in], whatever the layer stores."""
+    if isinstance(module, ExpertProjection):
+        return module.weight_view
     return module.weight.data.t() if _is_conv1d(module) else module.weight.data
 
 
@@ -250,5 +333,5 @@ def set_weight_(module: nn.Module, W: Tensor) -> None:
         get_weight(module).copy_(W)
 
 
-def in_features(module: nn.Module) -> int:
+def in_features(module: nn.Module | ExpertProjection) -> int:
     return get_weight(module).shape[1]
