@@ -56,6 +56,7 @@ def prune(
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run kept in OUT.partial/ (same options) after its last finished block."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read one decoder block at a time from the safetensors shards, so memory holds about one block, not the model. [default: when the model would take over half the free memory]"),
+    offload_activations: Optional[str] = typer.Option(None, "--offload-activations", help="Keep the calibration activations in this directory, one micro-batch in memory at a time (runs the two-pass schedule). [default: in OUT.partial/ when they would not fit in memory]"),
     format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
     overwrite: bool = OVERWRITE,
     allow_pickle: bool = ALLOW_PICKLE,
@@ -86,7 +87,8 @@ def prune(
     try:
         _, report = run_prune(
             model, recipe=chosen, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
-            microbatch=microbatch, format=format, resume=resume, stream=stream, allow_pickle=allow_pickle,
+            microbatch=microbatch, format=format, resume=resume, stream=stream, offload_activations=offload_activations,
+            allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
     finally:

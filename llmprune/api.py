@@ -56,6 +56,7 @@ def prune(
     format: str = "compressed",
     resume: bool = False,
     stream: bool | None = None,
+    offload_activations: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     **recipe_fields,
@@ -68,7 +69,9 @@ def prune(
     calibration, nsamples, seqlen, seed, ignore, sequential) may be passed directly instead of `recipe`.
     With `out`, the run's state lives in OUT.partial/ until OUT/ is complete; resume=True continues it.
     stream: read one decoder block at a time from the safetensors shards (None: when the model would not fit
-    in half the free memory). Under torchrun, the calibration data and the solves are shared by the processes.
+    in half the free memory). offload_activations: a directory for the calibration activations (chosen in
+    OUT.partial/ when they would not fit in memory). Under torchrun, the calibration data and the solves are
+    shared by the processes.
 
     >>> model, report = prune("smollm2", method="wanda", sparsity=0.5, calibration="wikitext2-valid",
     ...                       nsamples=16, seqlen=256)                                # doctest: +SKIP
@@ -151,11 +154,12 @@ def prune(
         timings["data_s"] = time.perf_counter() - t0
 
     model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    offload = _offload_directory(offload_activations, windows, model, partial, dist)
     run = None
     if target is not None:
         options = {"model": source["spec"], "recipe": recipe.to_dict(), "seqlen": seqlen, "dtype": model_dtype,
                    "microbatch": microbatch or (calibrate.default_microbatch(seqlen) if windows is not None else None),
-                   "processes": dist.world}
+                   "processes": dist.world, "two_pass": not recipe.sequential or offload is not None}
         run = streaming.PartialRun(partial, model, options=options, dist=dist, source=shards)
     try:
         start, inputs, allocated = 0, None, None
@@ -165,7 +169,7 @@ def prune(
             log.info("resuming %s after block %d of %d", partial, start, run.total)
         if recipe.allocation == "owl" and allocated is None:
             t0 = time.perf_counter()
-            allocated = _owl(model, windows, recipe, microbatch, compute, run, dist)
+            allocated = _owl(model, windows, recipe, microbatch, compute, run, dist, offload)
             timings["allocation_s"] = time.perf_counter() - t0
         sparsity_of = _sparsity_of(model, recipe, allocated["block_sparsity"] if allocated else None)
         if run is not None and progress is None:
@@ -175,10 +179,12 @@ def prune(
         results = calibrate.prune_model(
             model, windows, method=recipe.method, sparsity=sparsity_of, pattern=recipe.parsed_pattern,
             ignore=recipe.ignore, targets=recipe.targets, sequential=recipe.sequential, microbatch=microbatch,
-            device=compute, refine=refine, store=run, start=start, inputs=inputs, dist=dist,
+            device=compute, refine=refine, store=run, start=start, inputs=inputs, dist=dist, offload=offload,
         ) if run is None or start < run.total else []
         timings["prune_s"] = time.perf_counter() - t0
+        _clean_offload(offload, asked=offload_activations is not None, dist=dist)
     except BaseException as exc:
+        _clean_offload(offload, asked=offload_activations is not None, dist=dist)
         if run is not None and progress is None and run.done_blocks == 0:
             run.remove()  # nothing worth resuming
         elif run is not None and isinstance(exc, KeyboardInterrupt):
@@ -228,6 +234,41 @@ def prune(
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     return (None if shards is not None else model), report
+
+
+def _offload_directory(asked, windows, model: nn.Module, partial: Path | None, dist) -> Path | None:
+    """Where calibration activations go: the asked directory, or OUT.partial/activations (a temporary
+    directory without --out) when holding them (inputs, outputs and the block's intermediates, about 3× the
+    hidden states) would take more than the free memory; None to keep them in memory."""
+    if asked is not None:
+        return Path(asked).expanduser()
+    if windows is None:
+        return None
+    hidden = model.config.get_text_config().hidden_size
+    itemsize = next(model.parameters()).element_size()
+    needed = 3 * windows.numel() // dist.world * hidden * itemsize
+    free = _free_memory()
+    if free is None or needed <= free:
+        return None
+    if partial is not None:
+        where = partial / "activations"
+    else:
+        import tempfile
+
+        where = Path(tempfile.mkdtemp(prefix="llmprune-activations-"))
+    log.warning("offloading the calibration activations to %s: they would take %.1f GB, %.1f GB is free", where,
+                needed / 1e9, free / 1e9)
+    return where
+
+
+def _clean_offload(offload: Path | None, *, asked: bool, dist) -> None:
+    """Remove the activation files this process wrote (and the directory, where it was ours)."""
+    if offload is None or not offload.is_dir():
+        return
+    for file in offload.glob(f"*rank{dist.rank}-microbatch*.safetensors"):
+        file.unlink(missing_ok=True)
+    if not asked and not any(offload.iterdir()):
+        offload.rmdir()
 
 
 def _stream_directory(src: models.ModelSource, stream: bool | None, dtype: str | None, dist) -> Path | None:
@@ -291,12 +332,12 @@ def _free_memory() -> int | None:
     return None
 
 
-def _owl(model, windows, recipe: Recipe, microbatch: int | None, device, store, dist) -> dict:
+def _owl(model, windows, recipe: Recipe, microbatch: int | None, device, store, dist, offload) -> dict:
     """OWL's per-block sparsities from the dense model's outlier ratios."""
     from llmprune import allocation
 
     ratios, sizes = calibrate.outlier_ratios(model, windows, m=recipe.owl_m, ignore=recipe.ignore, targets=recipe.targets,
-                                             microbatch=microbatch, device=device, store=store, dist=dist)
+                                             microbatch=microbatch, device=device, store=store, dist=dist, offload=offload)
     live = [i for i, size in enumerate(sizes) if size]
     chosen = allocation.owl([ratios[i] for i in live], recipe.sparsity, lam=recipe.owl_lambda, weights=[sizes[i] for i in live])
     block_sparsity = [0.0] * len(sizes)

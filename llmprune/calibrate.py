@@ -19,7 +19,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import greenlet
@@ -52,10 +54,56 @@ class LinearResult:
     fallback: str | None = None  # the method used instead, for an expert that saw too few tokens
 
 
-@dataclass
 class _Captured:
-    hidden: Tensor  # [microbatch, seqlen, hidden]
-    args: list[tuple[tuple, dict]]  # per block: the positional args after the hidden states, and kwargs
+    """One micro-batch: its hidden states [microbatch, seqlen, hidden] (in memory, or in a file of its own once
+    offloaded) and, per block, the other arguments the model passes (positional args after the hidden states,
+    and kwargs)."""
+
+    def __init__(self, hidden: Tensor, args: list[tuple[tuple, dict]]):
+        self.args = args
+        self.device = hidden.device
+        self._file: Path | None = None
+        self.hidden = hidden
+
+    def offload(self, file: Path) -> None:
+        hidden, self._file = self.hidden, file
+        self.hidden = hidden
+
+    @property
+    def hidden(self) -> Tensor:
+        if self._file is None:
+            return self._hidden
+        from safetensors.torch import load_file
+
+        return load_file(str(self._file))["hidden"].to(self.device)
+
+    @hidden.setter
+    def hidden(self, x: Tensor) -> None:
+        self.shape, self.dtype = tuple(x.shape), x.dtype
+        if self._file is None:
+            self._hidden = x
+        else:
+            from safetensors.torch import save_file
+
+            self._hidden = None
+            save_file({"hidden": x.detach().to("cpu").contiguous()}, str(self._file))
+
+
+class _Inputs(Sequence):
+    """The micro-batches' hidden states, read one at a time (for stores that save them)."""
+
+    def __init__(self, captured: list[_Captured]):
+        self.captured = captured
+
+    def __len__(self) -> int:
+        return len(self.captured)
+
+    def __getitem__(self, k):
+        return self.captured[k].hidden
+
+    @property
+    def shapes(self) -> list[tuple[torch.dtype, tuple]]:
+        return [(c.dtype, c.shape) for c in self.captured]
 
 
 class _Stop(Exception):
@@ -102,6 +150,7 @@ def prune_model(
     start: int = 0,
     inputs: list[Tensor] | None = None,
     dist: Dist = SINGLE,
+    offload: Path | None = None,
 ) -> list[LinearResult]:
     """Prune every target linear of every decoder block in place; returns one result per linear.
 
@@ -110,7 +159,8 @@ def prune_model(
     after the solver on every linear. store: where block weights come from and go (default: in memory).
     start, inputs: resume at block `start` with its saved inputs (this process's micro-batches).
     dist: under torch.distributed, this rank's share of the micro-batches runs here, statistics are summed
-    over ranks and the solves are spread over them.
+    over ranks and the solves are spread over them. offload: a directory for the calibration activations, so
+    memory holds one micro-batch at a time (the two-pass schedule: lockstep needs every micro-batch at once).
     """
     device = torch.device(device)
     store = store or BlockStore()
@@ -147,13 +197,21 @@ def prune_model(
         first_window = first * microbatch
         with store.outside():
             captured = [_capture(model, blocks, chunk.to(device), device) for chunk in chunks]
+        if offload is not None:
+            if sequential:
+                log.warning("activations offloaded to %s: running the two-pass schedule (lockstep needs every "
+                            "micro-batch in memory at once)", offload)
+                sequential = False
+            offload.mkdir(parents=True, exist_ok=True)
+            for k, item in enumerate(captured):
+                item.offload(offload / f"rank{dist.rank}-microbatch{k:05d}.safetensors")
         if inputs is not None:
-            if [tuple(x.shape) for x in inputs] != [tuple(c.hidden.shape) for c in captured]:
+            if len(inputs) != len(captured) or any(tuple(inputs[k].shape) != c.shape for k, c in enumerate(captured)):
                 raise LlmpruneError("the saved block inputs do not match this run's calibration windows; "
                                     "start over without --resume.")
-            for item, x in zip(captured, inputs):
-                item.hidden = x.to(device=device, dtype=item.hidden.dtype)
-        tokens = dist.sum_int(sum(c.hidden.shape[0] * c.hidden.shape[1] for c in captured))
+            for k, item in enumerate(captured):
+                item.hidden = inputs[k].to(device=device, dtype=item.dtype)
+        tokens = dist.sum_int(sum(c.shape[0] * c.shape[1] for c in captured))
         shared: dict[str, list[str]] = {}  # the previous block's input-sharing groups, relative to the block
         for i in range(start, len(blocks)):
             block = blocks[i]
@@ -174,7 +232,10 @@ def prune_model(
                 progress.doing(i, "pruning")
                 pruner.prune_all(list(pruner.order))
                 progress.doing(i, "propagating")
-                outputs = None if last else [_run_block(on_device, i, item) for item in captured]
+                outputs = None
+                if not last:  # each micro-batch's input is replaced by its output as soon as it is computed
+                    for item in captured:
+                        item.hidden = _run_block(on_device, i, item)
             shared = {leader[len(prefix):]: [n[len(prefix):] for n in names]
                       for leader, names in pruner.shared_groups().items()}
             missing = set(pruner.linears) - set(pruner.pruned)
@@ -186,7 +247,7 @@ def prune_model(
             if on_device is not block:
                 _to_device(block, torch.device("cpu"))
             results.extend(pruner.results)
-            store.done(i, block, pruner.results, None if last else [item.hidden for item in captured])
+            store.done(i, block, pruner.results, None if last else _Inputs(captured))
             progress.end(i, tokens)
     progress.close()
     return results
@@ -284,6 +345,7 @@ def outlier_ratios(
     device: torch.device | str = "cpu",
     store: BlockStore | None = None,
     dist: Dist = SINGLE,
+    offload: Path | None = None,
 ) -> tuple[list[float], list[int]]:
     """OWL's statistics of the dense model: each block's outlier ratio of Wanda scores, and its number of
     prunable weights. One forward pass through the dense blocks (`store.load` gives each block's weights;
@@ -302,6 +364,10 @@ def outlier_ratios(
         _, chunks = dist.share(windows.split(microbatch))
         with store.outside():
             captured = [_capture(model, blocks, chunk.to(device), device) for chunk in chunks]
+        if offload is not None:
+            offload.mkdir(parents=True, exist_ok=True)
+            for k, item in enumerate(captured):
+                item.offload(offload / f"owl-rank{dist.rank}-microbatch{k:05d}.safetensors")
         for i, block in enumerate(tqdm(blocks, desc="outlier ratios", unit="block", disable=None if dist.main else True,
                                        dynamic_ncols=True)):
             store.load(i, block)
@@ -318,12 +384,11 @@ def outlier_ratios(
 
             handles = [module.register_forward_pre_hook(gather(name)) for name, module in linears.items()]
             try:
-                outputs = [_run_block(on_device, i, item) for item in captured]
+                for item in captured:
+                    item.hidden = _run_block(on_device, i, item)
             finally:
                 for handle in handles:
                     handle.remove()
-            for item, out in zip(captured, outputs):
-                item.hidden = out
             scores = [get_weight(module).abs().float() * dist.sum_(sq_norms[name]).sqrt().float()
                       for name, module in linears.items()]
             ratios.append(outlier_ratio(scores, m) if scores else 0.0)

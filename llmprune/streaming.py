@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -158,6 +160,20 @@ class ShardSource:
         inside = {key for name, key in self.key_of.items() if name.startswith(blocks_name + ".")}
         return [key for key in self.file_of if key not in inside]
 
+    def shape(self, key: str) -> tuple:
+        from safetensors import safe_open
+
+        with safe_open(str(self.file_of[key]), framework="pt") as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype `read_outside` gives the tensor: the run's for floating tensors, else the stored one."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.file_of[key]), framework="pt") as handle:
+            dtype = _FROM_NAME[handle.get_slice(key).get_dtype()]
+        return self.dtype if dtype.is_floating_point else dtype
+
     def read_outside(self, keys: list[str]) -> dict[str, Tensor]:
         with self._reader() as read:
             tensors = {key: read(key) for key in keys}
@@ -227,7 +243,7 @@ class PartialRun(BlockStore):
             raise LlmpruneError(f"{path} is corrupted ({PROGRESS_FILE}: {exc}); delete it to start over: rm -r '{path}'") from None
         return progress
 
-    def resume(self, progress: dict, needs_inputs: bool = True) -> list[Tensor] | None:
+    def resume(self, progress: dict, needs_inputs: bool = True) -> Sequence[Tensor] | None:
         """Take up a partial run: check its options, put the finished blocks' weights in place (in memory) and
         return this rank's saved inputs of the next block (None when every block is done or none are needed)."""
         differ = [f"{k} {self.options.get(k)!r} (the partial run had {progress['options'].get(k)!r})"
@@ -263,19 +279,21 @@ class PartialRun(BlockStore):
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise self._corrupt(f"block {index}: {str(exc).splitlines()[0]}") from None
 
-    def _read_inputs(self) -> list[Tensor]:
+    def _read_inputs(self) -> "_SavedInputs":
         from safetensors import SafetensorError, safe_open
 
         file = self.path / f"inputs-rank{self.dist.rank}.safetensors"
         try:
             with safe_open(str(file), framework="pt") as handle:
                 block = int((handle.metadata() or {}).get("block", -1))
-                inputs = [handle.get_tensor(str(k)) for k in range(len(handle.keys()))]
+                count = len(handle.keys())
+                for k in range(count):  # every tensor is there and readable (read one at a time later)
+                    handle.get_slice(str(k)).get_shape()
         except (SafetensorError, OSError, ValueError) as exc:
             raise self._corrupt(f"{file.name}: {str(exc).splitlines()[0]}") from None
         if block != self.done_blocks:
             raise self._corrupt(f"{file.name} holds the inputs of block {block}, progress says {self.done_blocks}")
-        return inputs
+        return _SavedInputs(file, count)
 
     # -- BlockStore --
     def outside(self):
@@ -308,21 +326,16 @@ class PartialRun(BlockStore):
     def done(self, index: int, block: nn.Module, results: list[LinearResult], inputs: list[Tensor] | None) -> None:
         from dataclasses import asdict
 
-        from safetensors.torch import save_file
-
         if self.dist.main:
             prefix = f"{self.blocks_name}.{index}."
-            state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-            _atomic_save(save_file, state, self._block_file(index))
+            _write_dict(self._block_file(index), {prefix + k: v for k, v in block.state_dict().items()})
         if self.dist.main and self.source is not None:  # the layout assemble() will choose
             pruned = {r.name for r in results if r.sparsity > 0}
             modules = dict(block.named_modules())
             self.sparse24.append(all(
                 formats.choose_format({n: get_weight(modules[n[len(prefix):]])}) == formats.SPARSE24 for n in pruned))
         if inputs is not None:
-            tensors = {str(k): x.detach().to("cpu").contiguous() for k, x in enumerate(inputs)}
-            _atomic_save(save_file, tensors, self.path / f"inputs-rank{self.dist.rank}.safetensors",
-                         metadata={"block": str(index + 1)})
+            _write_inputs(inputs, self.path / f"inputs-rank{self.dist.rank}.safetensors", {"block": str(index + 1)})
         self.dist.barrier()
         self.done_blocks = index + 1
         self.results.extend(asdict(r) for r in results)
@@ -346,8 +359,9 @@ class PartialRun(BlockStore):
     def assemble(self, target: Path, *, tokenizer, fmt: str, targets: set[str], report: dict, files: dict[str, str],
                  overwrite: bool = False) -> Path:
         """Write OUT/ from the finished blocks and the source's other tensors: one shard per block plus one for
-        the rest, an index, config.json (with the sparsity block when compressed), tokenizer and text files."""
-        from safetensors.torch import save_file
+        the rest, an index, config.json (with the sparsity block when compressed), tokenizer and text files.
+        Tensors are read and written one at a time."""
+        from safetensors import safe_open
 
         source = self.source
         compressed = fmt == "compressed" and bool(targets)
@@ -359,32 +373,33 @@ class PartialRun(BlockStore):
         linears: set[str] = set()
         with checkpoint.atomic_directory(target, overwrite=overwrite) as tmp:
             for i in range(self.total):
-                from safetensors.torch import load_file
-
-                state = load_file(str(self._block_file(i)))
                 out: dict[str, Tensor] = {}
-                for name, tensor in state.items():
-                    key = source.key_of.get(name, name)
-                    module = name[: -len(".weight")] if name.endswith(".weight") else None
-                    if module is not None and tensor.dim() == 2:
-                        linears.add(key[: -len(".weight")])
-                    if compressed and module in targets:
-                        parts = formats.compress(layout, tensor)
-                        stem = key[: -len(".weight")]
-                        out.update({f"{stem}.{part}": t for part, t in parts.items()})
-                        sizes[stem] = {"dense_bytes": tensor.numel() * tensor.element_size(),
-                                       "stored_bytes": formats.stored_bytes(parts)}
-                        zeros += tensor.numel() - int(torch.count_nonzero(tensor))
-                        total += tensor.numel()
-                    else:
-                        out[key] = tensor
+                with safe_open(str(self._block_file(i)), framework="pt") as handle:
+                    for name in handle.keys():
+                        tensor = handle.get_tensor(name)
+                        key = source.key_of.get(name, name)
+                        module = name[: -len(".weight")] if name.endswith(".weight") else None
+                        if module is not None and tensor.dim() == 2:
+                            linears.add(key[: -len(".weight")])
+                        if compressed and module in targets:
+                            parts = formats.compress(layout, tensor)
+                            stem = key[: -len(".weight")]
+                            out.update({f"{stem}.{part}": t for part, t in parts.items()})
+                            sizes[stem] = {"dense_bytes": tensor.numel() * tensor.element_size(),
+                                           "stored_bytes": formats.stored_bytes(parts)}
+                            zeros += tensor.numel() - int(torch.count_nonzero(tensor))
+                            total += tensor.numel()
+                        else:
+                            out[key] = tensor
                 shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-                save_file(out, str(tmp / shard), metadata={"format": "pt"})
+                _write_dict(tmp / shard, out)
                 weight_map.update({key: shard for key in out})
-            rest = source.read_outside(source.outside_keys(self.model))
-            linears.update(key[: -len(".weight")] for key, t in rest.items() if key.endswith(".weight") and t.dim() == 2)
+                del out
+            rest = source.outside_keys(self.model)
+            linears.update(key[: -len(".weight")] for key in rest if key.endswith(".weight") and len(source.shape(key)) == 2)
             shard = f"model-{shards:05d}-of-{shards:05d}.safetensors"
-            save_file(rest, str(tmp / shard), metadata={"format": "pt"})
+            _write_tensors(tmp / shard, [(key, source.stored_dtype(key), source.shape(key),
+                                          lambda key=key: source.read_outside([key])[key]) for key in rest], {"format": "pt"})
             weight_map.update({key: shard for key in rest})
             index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
                      "weight_map": dict(sorted(weight_map.items()))}
@@ -412,7 +427,57 @@ class PartialRun(BlockStore):
         return target
 
 
-def _atomic_save(save_file, tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+class _SavedInputs(Sequence):
+    """Micro-batch inputs saved by a partial run, read one at a time."""
+
+    def __init__(self, file: Path, count: int):
+        self.file, self.count = file, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k):
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt") as handle:
+            return handle.get_tensor(str(k))
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
+           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_FROM_NAME = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+def _write_tensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, Callable[[], Tensor]]],
+                   metadata: dict[str, str]) -> None:
+    """Write a safetensors file holding one tensor in memory at a time: entries are (name, dtype, shape, a getter
+    called once, while writing). The safetensors layout: a little-endian u64 header length, a JSON header of
+    dtypes, shapes and byte offsets, then the raw data. Atomic (written aside, then renamed)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name, dtype, shape, get in entries:
+            x = get().detach().to("cpu").contiguous()
+            if x.dtype != dtype or tuple(x.shape) != tuple(shape):
+                raise ValueError(f"{name}: got {x.dtype} {tuple(x.shape)}, the header says {dtype} {tuple(shape)}")
+            handle.write(x.reshape(-1).view(torch.uint8).numpy().data)
     os.replace(tmp, path)
+
+
+def _write_inputs(inputs: Sequence[Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """The micro-batches' inputs as tensors "0", "1", ..., read one at a time (they may be offloaded)."""
+    shapes = getattr(inputs, "shapes", None) or [(x.dtype, tuple(x.shape)) for x in inputs]
+    _write_tensors(path, [(str(k), dtype, shape, lambda k=k: inputs[k]) for k, (dtype, shape) in enumerate(shapes)], metadata)
+
+
+def _write_dict(path: Path, tensors: dict[str, Tensor]) -> None:
+    _write_tensors(path, [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()], {"format": "pt"})

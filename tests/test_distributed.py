@@ -64,3 +64,22 @@ def test_more_processes_than_micro_batches_is_a_clear_error(tmp_path, text_file)
     assert run.returncode != 0
     assert "1 calibration micro-batches cannot be shared by 2 processes; use more --nsamples" in run.stderr
     assert "Traceback" not in run.stderr.split("error:")[0][-200:]
+
+
+def test_two_gloo_processes_share_the_experts_and_equal_one(tmp_path, text_file):
+    from conftest import byte_tokenizer
+    from test_moe import moe_model
+
+    model = tmp_path / "moe"
+    moe_model("mixtral").save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    args = ["prune", str(model), "--method", "wanda", "--sparsity", "0.5", "--calib", str(text_file), "--nsamples", "8",
+            "--seqlen", "64", "--microbatch", "2", "--device", "cpu", "--format", "dense"]
+    one = torchrun(1, [*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    assert set(a) == set(b) and any(".experts." in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

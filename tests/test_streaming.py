@@ -252,3 +252,42 @@ def test_run_killed_after_a_block_resumes_to_the_same_result(tmp_path, text_file
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert_same(tmp_path / "whole", tmp_path / "out")
     assert not (tmp_path / "out.partial").exists()
+
+
+# ---- activations on disk -------------------------------------------------------------------------------
+
+
+def test_offloaded_activations_give_the_two_pass_result(tmp_path, calib, monkeypatch, caplog):
+    model = str(sharded_model(tmp_path / "m"))
+    fields = dict(method="sparsegpt", sparsity=0.5, microbatch=2, **calib)
+    api.prune(model, out=tmp_path / "memory", sequential=False, **fields)
+    offload = tmp_path / "acts"
+    offload.mkdir()
+    seen = []
+    original = streaming.PartialRun.done
+
+    def done(self, index, *args):
+        seen.append(sorted(p.name for p in offload.iterdir()))
+        original(self, index, *args)
+
+    monkeypatch.setattr(streaming.PartialRun, "done", done)
+    with caplog.at_level("WARNING"):
+        _, report = api.prune(model, out=tmp_path / "disk", offload_activations=offload, **fields)
+    assert "running the two-pass schedule" in caplog.text
+    assert seen[0] == [f"rank0-microbatch{k:05d}.safetensors" for k in range(4)]  # 8 windows, 2 per micro-batch
+    assert list(offload.iterdir()) == []  # our files are gone, the user's directory stays
+    assert_same(tmp_path / "memory", tmp_path / "disk")
+
+
+def test_activations_go_to_disk_by_themselves_when_memory_is_short(tmp_path, calib, monkeypatch, caplog):
+    model = str(sharded_model(tmp_path / "m"))
+    api.prune(model, method="wanda", out=tmp_path / "memory", sequential=False, **calib)
+    monkeypatch.setattr(api, "_free_memory", lambda: 10_000)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with caplog.at_level("WARNING"), pytest.raises(LlmpruneError, match="interrupted after 2 of 4"):
+            api.prune(model, method="wanda", out=tmp_path / "disk", **calib)
+    assert f"offloading the calibration activations to {tmp_path / 'disk.partial' / 'activations'}" in caplog.text
+    api.prune(model, method="wanda", out=tmp_path / "disk", resume=True, **calib)
+    assert_same(tmp_path / "memory", tmp_path / "disk")
+    assert not (tmp_path / "disk.partial").exists()
