@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import REPO, cpu_name, run  # noqa: E402  (same folder: one way to time and measure a run)
+from bench_scale import machine_info, run  # noqa: E402  (same folder: one way to time and measure a run)
 
 
 def write_models(work: Path, *, layers: int, hidden: int, intermediate: int, experts: int) -> dict[str, tuple[Path, int]]:
@@ -62,9 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.workdir)
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    info = {"git": git, "machine": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "method": "sparsegpt 2:4", "compute_dtype": "float32",
+    info = {**machine_info(), "method": "sparsegpt 2:4", "compute_dtype": "float32",
             "calibration": f"{args.nsamples} x {args.seqlen}", "experts": args.experts, "top_k": 2,
             "width": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers}}
     print(json.dumps(info), flush=True)

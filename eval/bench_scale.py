@@ -117,6 +117,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info() -> dict:
+    """What a benchmark row needs beside its numbers: the commit, the CPU and the versions."""
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"git": git, "machine": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", required=True, help="calibration text file (e.g. ../shared/data/wikitext2/valid.txt)")
@@ -130,9 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.workdir)
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    info = {"git": git, "machine": cpu_name(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "method": "wanda 50%",
+    info = {**machine_info(), "method": "wanda 50%",
             "calibration": "8 x 512", "compute_dtype": "float32", "width": {"hidden": args.hidden, "intermediate": args.intermediate}}
     print(json.dumps(info))
     rows = []

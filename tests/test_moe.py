@@ -218,3 +218,11 @@ def test_router_linears_are_found_structurally():
     projections = [p for p in with_experts.values() if isinstance(p, ExpertProjection)]
     assert len(projections) == 2 * 4
     assert get_weight(projections[0]).shape == (64, 64) and get_weight(projections[-1]).shape == (64, 32)
+
+
+def test_dsnot_refines_experts_from_their_own_tokens(text_file, moe_dir):
+    _, report = api.prune(str(moe_dir("qwen3_moe")), method="wanda", sparsity=0.6, refine="dsnot", calibration=str(text_file),
+                          nsamples=8, seqlen=32, device="cpu")
+    experts = [row for row in report["linears"] if ".experts." in row["name"] and not row["fallback"]]
+    assert experts and all(row["refine"] is not None and row["sparsity"] == pytest.approx(0.6, abs=1 / 32) for row in experts)  # per row
+    assert all(row["refine"]["error_after"] <= row["refine"]["error_before"] for row in experts)
