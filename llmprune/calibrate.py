@@ -494,10 +494,13 @@ class _BlockPruner:
                 solver.reduce_(self.dist.sum_)
                 self._reduced.add(id(solver))
         self._fallbacks(plans)
-        jobs = [(lambda solver=solver, members=members: self._solve(solver, members)) for _, solver, members in plans]
-        templates = [[get_weight(self.linears[m]) for m in members] for _, _, members in plans]
-        solved = _distribute(self.dist, jobs, templates, offset=self._solves)
-        self._solves += len(jobs)
+        if self.dist.active and len(plans) < self.dist.world and all(s.row_separable(self.pattern) for _, s, _ in plans):
+            solved = [self._solve_rows(solver, members) for _, solver, members in plans]  # too few solves to go round
+        else:
+            jobs = [(lambda solver=solver, members=members: self._solve(solver, members)) for _, solver, members in plans]
+            templates = [[get_weight(self.linears[m]) for m in members] for _, _, members in plans]
+            solved = _distribute(self.dist, jobs, templates, offset=self._solves)
+            self._solves += len(jobs)
         for (name, solver, members), (W_new, (seconds, refined)) in zip(plans, solved):
             leader = self.groups[name][1]
             rows = sum(W.shape[0] for W in W_new)
@@ -525,6 +528,49 @@ class _BlockPruner:
             if count < in_features(self.linears[name]):
                 plans[k] = (name, make_solver(FALLBACK, in_features(self.linears[name]), self.device), members)
                 self.fallback[name] = FALLBACK
+
+    def _solve_rows(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
+        """One solve shared by the ranks: each prunes a contiguous share of the members' stacked rows, then every
+        rank gets every row (for solvers whose rows are independent, this is the single-process result)."""
+        started = time.perf_counter()
+        weights = [get_weight(self.linears[m]) for m in members]
+        offsets = [0]
+        for W in weights:
+            offsets.append(offsets[-1] + W.shape[0])
+        spans = [Dist(r, self.dist.world).share(range(offsets[-1])) for r in range(self.dist.world)]
+        spans = [(start, start + len(rows)) for start, rows in spans]
+        lo, hi = spans[self.dist.rank]
+        parts = [(k, max(lo, offsets[k]) - offsets[k], min(hi, offsets[k + 1]) - offsets[k]) for k in range(len(members))]
+        parts = [(k, a, b) for k, a, b in parts if b > a]
+        slices = [weights[k][a:b] for k, a, b in parts]
+        names = [members[k] for k, _, _ in parts]
+        log.debug("%s: rows %d:%d of %d solved here", members[0], lo, hi, offsets[-1])
+        local, reports = self._solve_slices(solver, slices, names)
+        stacked = torch.cat(local) if local else weights[0][:0].clone()
+        gathered, all_reports = [], []
+        for r, (a, b) in enumerate(spans):
+            template = weights[0].new_empty((b - a, weights[0].shape[1]))
+            gathered.append(self.dist.broadcast_(stacked.contiguous() if r == self.dist.rank else template, r))
+            all_reports.append(self.dist.broadcast_object(list(zip([k for k, _, _ in parts], reports)), r))
+        rows = torch.cat(gathered)
+        W_new = [rows[offsets[k]:offsets[k + 1]] for k in range(len(members))]
+        merged: list[dict | None] = [None] * len(members)
+        for per_rank in all_reports:
+            for k, report in per_rank:
+                if report is not None:
+                    merged[k] = report if merged[k] is None else {key: merged[k][key] + report[key] for key in report}
+        return W_new, (time.perf_counter() - started, merged)
+
+    def _solve_slices(self, solver: Solver, slices: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[dict | None]]:
+        if not slices:
+            return [], []
+        sparsities = [self.sparsity_of(n) for n in names]
+        if len(slices) == 1:
+            W_new = [solver.prune(slices[0], sparsities[0], self.pattern)]
+        else:
+            W_new = solver.prune_many(slices, sparsities, self.pattern)
+        reports = getattr(solver, "reports", None)
+        return W_new, ([reports.pop(0) for _ in W_new] if reports else [None] * len(W_new))
 
     def _solve(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         started = time.perf_counter()

@@ -1,6 +1,7 @@
 """torch.distributed (gloo, spawned by the test through torchrun) gives the single-process result."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,8 +36,9 @@ def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("wanda", ["--sparsity", "0.5"]),
-    ("sparsegpt", ["--pattern", "2:4", "--two-pass", "--refine", "dsnot"]),
+    ("wanda", ["--sparsity", "0.5"]),  # sequential: each solve's rows shared by the ranks
+    ("sparsegpt", ["--pattern", "2:4", "--refine", "dsnot"]),  # the same, DSnoT's reports summed over ranks
+    ("sparsegpt", ["--sparsity", "0.5", "--two-pass"]),  # whole solves round-robin
 ])
 def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra):
     model = str(sharded_model(tmp_path / "m"))
@@ -47,6 +49,11 @@ def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra):
     two = torchrun(2, [*args, "--out", str(tmp_path / "two"), "--json"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert '"processes": 2' in two.stdout  # rank 0 alone reports
+    if "dsnot" in extra:
+        single = json.loads((tmp_path / "one" / "llmprune.json").read_text())["linears"]
+        double = json.loads(two.stdout)["linears"]
+        assert [r["refine"]["rows"] for r in single] == [r["refine"]["rows"] for r in double]
+        assert [r["refine"]["rows_refined"] for r in single] == [r["refine"]["rows_refined"] for r in double]
     a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
     assert set(a) == set(b)
     for key in a:

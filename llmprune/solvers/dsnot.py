@@ -216,6 +216,9 @@ class RefinedSolver:
             self.base.add_batch(x)
         self.stats.add_batch(x)
 
+    def row_separable(self, pattern: Pattern) -> bool:
+        return self.base.row_separable(pattern)  # DSnoT itself works row by row
+
     def reduce_(self, sum_) -> None:
         self.base.reduce_(sum_)
         self.stats.reduce_(sum_)

@@ -14,6 +14,9 @@ class MagnitudeSolver:
     def add_batch(self, x: Tensor) -> None:
         pass
 
+    def row_separable(self, pattern: Pattern) -> bool:
+        return pattern.structured  # unstructured compares the whole matrix
+
     def reduce_(self, sum_) -> None:
         pass
 

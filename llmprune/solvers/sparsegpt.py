@@ -49,6 +49,9 @@ class SparseGPTSolver:
         self.tokens += x.shape[0]
         self._factor = None
 
+    def row_separable(self, pattern: Pattern) -> bool:
+        return pattern.structured  # the unstructured mask of a column block is chosen over all rows
+
     def reduce_(self, sum_) -> None:
         """Sum the statistics over distributed ranks; `sum_` all-reduces a tensor in place."""
         sum_(self.H)

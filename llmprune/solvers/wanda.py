@@ -25,6 +25,10 @@ class WandaSolver:
         self.sq_norms += x.square().sum(0).double()
         self.tokens += x.shape[0]
 
+    def row_separable(self, pattern: Pattern) -> bool:
+        """Whether rows pruned apart equal rows pruned together (so ranks may share a weight's rows)."""
+        return True
+
     def reduce_(self, sum_) -> None:
         """Sum the statistics over distributed ranks; `sum_` all-reduces a tensor in place."""
         sum_(self.sq_norms)
