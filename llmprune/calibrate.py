@@ -195,16 +195,12 @@ def prune_model(
             raise LlmpruneError(f"{len(windows.split(microbatch))} calibration micro-batches cannot be shared by "
                                 f"{dist.world} processes; use more --nsamples or a smaller --microbatch.")
         first_window = first * microbatch
+        if offload is not None and sequential:
+            log.warning("activations offloaded to %s: running the two-pass schedule (lockstep needs every "
+                        "micro-batch in memory at once)", offload)
+            sequential = False
         with store.outside():
-            captured = [_capture(model, blocks, chunk.to(device), device) for chunk in chunks]
-        if offload is not None:
-            if sequential:
-                log.warning("activations offloaded to %s: running the two-pass schedule (lockstep needs every "
-                            "micro-batch in memory at once)", offload)
-                sequential = False
-            offload.mkdir(parents=True, exist_ok=True)
-            for k, item in enumerate(captured):
-                item.offload(offload / f"rank{dist.rank}-microbatch{k:05d}.safetensors")
+            captured = _capture_all(model, blocks, chunks, device, offload, f"rank{dist.rank}")
         if inputs is not None:
             if len(inputs) != len(captured) or any(tuple(inputs[k].shape) != c.shape for k, c in enumerate(captured)):
                 raise LlmpruneError("the saved block inputs do not match this run's calibration windows; "
@@ -363,11 +359,7 @@ def outlier_ratios(
     with torch.no_grad():
         _, chunks = dist.share(windows.split(microbatch))
         with store.outside():
-            captured = [_capture(model, blocks, chunk.to(device), device) for chunk in chunks]
-        if offload is not None:
-            offload.mkdir(parents=True, exist_ok=True)
-            for k, item in enumerate(captured):
-                item.offload(offload / f"owl-rank{dist.rank}-microbatch{k:05d}.safetensors")
+            captured = _capture_all(model, blocks, chunks, device, offload, f"owl-rank{dist.rank}")
         for i, block in enumerate(tqdm(blocks, desc="outlier ratios", unit="block", disable=None if dist.main else True,
                                        dynamic_ncols=True)):
             store.load(i, block)
@@ -676,6 +668,20 @@ def _run_lockstep(block: nn.Module, index: int, captured: list[_Captured], prune
             if events[0][0] == "sync":
                 pruner.prune_all(list(events[0][1]))
     return outputs
+
+
+def _capture_all(model: nn.Module, blocks: nn.ModuleList, chunks: list[Tensor], device: torch.device,
+                 offload: Path | None, tag: str) -> list[_Captured]:
+    """Capture every micro-batch; with `offload`, each goes to its own file at once, so memory holds one."""
+    if offload is not None:
+        offload.mkdir(parents=True, exist_ok=True)
+    captured = []
+    for k, chunk in enumerate(chunks):
+        item = _capture(model, blocks, chunk.to(device), device)
+        if offload is not None:
+            item.offload(offload / f"{tag}-microbatch{k:05d}.safetensors")
+        captured.append(item)
+    return captured
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, device: torch.device) -> _Captured:
