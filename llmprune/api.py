@@ -138,9 +138,6 @@ def prune(
         log.warning("--seqlen %d exceeds the model's max positions; using %d", seqlen, limit)
         seqlen = limit
 
-    if recipe.allocation == "owl" and any(models.is_experts(m) for m in model.modules()):
-        raise LlmpruneError("--allocation owl does not cover mixture-of-experts blocks yet (their outlier ratios would "
-                            "leave out the experts); use --allocation uniform.")
     refine = recipe.dsnot
     windows = None
     data_needed = needs_data(recipe.method, refine)

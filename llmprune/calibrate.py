@@ -364,25 +364,12 @@ def outlier_ratios(
                                        dynamic_ncols=True)):
             store.load(i, block)
             on_device = _to_device(block, device)
-            linears = find_linears(block, f"{blocks_name}.{i}", ignore, targets)
-            sq_norms = {name: torch.zeros(in_features(module), dtype=torch.float64, device=device)
-                        for name, module in linears.items()}
-
-            def gather(name: str):
-                def hook(module, args):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    sq_norms[name] += x.square().sum(0).double()
-                return hook
-
-            handles = [module.register_forward_pre_hook(gather(name)) for name, module in linears.items()]
-            try:
+            gatherer = _NormGatherer(find_linears(block, f"{blocks_name}.{i}", ignore, targets, experts=True), device)
+            with _Hooks(gatherer, sync=False):
                 for item in captured:
                     item.hidden = _run_block(on_device, i, item)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            scores = [get_weight(module).abs().float() * dist.sum_(sq_norms[name]).sqrt().float()
-                      for name, module in linears.items()]
+            scores = [get_weight(module).abs().float() * dist.sum_(gatherer.sq_norms[name]).sqrt().float()
+                      for name, module in gatherer.linears.items()]
             ratios.append(outlier_ratio(scores, m) if scores else 0.0)
             sizes.append(sum(s.numel() for s in scores))
             if on_device is not block:
@@ -390,6 +377,17 @@ def outlier_ratios(
             store.release(i, block)
             log.info("block %d/%d: outlier ratio %.4f", i + 1, len(blocks), ratios[-1])
     return ratios, sizes
+
+
+class _NormGatherer:
+    """What the hooks feed for OWL: every linear's (and expert projection's) squared input norms, in fp64."""
+
+    def __init__(self, linears: dict, device):
+        self.linears, self.pruned = linears, set()
+        self.sq_norms = {name: torch.zeros(in_features(m), dtype=torch.float64, device=device) for name, m in linears.items()}
+
+    def observe(self, name: str, x: Tensor, own: bool = False) -> None:
+        self.sq_norms[name] += x.reshape(-1, x.shape[-1]).float().square().sum(0).double()
 
 
 def _apply(name: str, module: nn.Module, W_new: Tensor, target: float, seconds: float, leader: str | None) -> LinearResult:

@@ -198,11 +198,22 @@ def test_ignore_and_targets_reach_experts_and_routers(tmp_path, moe_dir, text_fi
     assert [row["name"] for row in report["linears"]] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
 
-def test_owl_and_forced_streaming_say_what_moe_lacks(tmp_path, moe_dir, text_file):
+def test_owl_counts_the_experts(moe_dir, text_file):
+    _, report = api.prune(str(moe_dir("mixtral")), method="wanda", sparsity=0.6, allocation="owl", owl_lambda=0.1,
+                          calibration=str(text_file), nsamples=8, seqlen=32, device="cpu")
+    blocks = report["allocation"]["block_sparsity"]
+    assert len(blocks) == 2 and blocks[0] != blocks[1] and all(abs(b - 0.6) <= 0.1 + 1e-9 for b in blocks)
+    for row in report["linears"]:  # experts get their block's sparsity too
+        block = int(row["name"].split(".")[2])
+        assert row["target"] == pytest.approx(blocks[block])
+    assert sum(".experts." in row["name"] for row in report["linears"]) == 16
+    sizes = [row["shape"][0] * row["shape"][1] for row in report["linears"]]
+    targets = [row["target"] for row in report["linears"]]
+    assert sum(s * t for s, t in zip(sizes, targets)) / sum(sizes) == pytest.approx(0.6)  # OWL's weighted mean, experts in
+
+
+def test_forced_streaming_says_what_moe_lacks(tmp_path, moe_dir, text_file):
     source = str(moe_dir("mixtral"))
-    with pytest.raises(LlmpruneError, match="owl does not cover mixture-of-experts"):
-        api.prune(source, method="wanda", sparsity=0.6, allocation="owl", calibration=str(text_file), nsamples=4,
-                  seqlen=32, device="cpu")
     with pytest.raises(LlmpruneError, match="converts when loading"):
         api.prune(source, method="wanda", calibration=str(text_file), nsamples=4, seqlen=32, device="cpu",
                   out=tmp_path / "o", stream=True)
