@@ -90,44 +90,12 @@ def prune(
     dist = distributed.from_environment(compute)
     compute = distributed.local_device(compute)
     target = checkpoint.check_output(out, overwrite=overwrite) if out is not None else None
-    partial = streaming.partial_path(out) if out is not None else None
-    progress = None
-    if partial is not None and partial.exists():
-        if not resume:
-            raise LlmpruneError(f"{partial} holds an unfinished run; continue it with --resume (same options), "
-                                f"or delete it to start over: rm -r '{partial}'")
-        progress = streaming.PartialRun.read_progress(partial)
-    elif resume:
-        log.info("nothing to resume in %s; starting from the first block", partial)
+    partial, progress = _leftover_run(out, resume)
     dist.barrier()  # every rank has looked before rank 0 may create OUT.partial
 
     timings = {}
-    shards = None
-    if isinstance(model_or_path, nn.Module):
-        if stream:
-            raise LlmpruneError("--stream reads a model directory block by block; pass its path, not a loaded model.")
-        model, source = model_or_path, {"spec": type(model_or_path).__name__, "kind": "module"}
-        if dtype is not None:
-            model.to(models.parse_dtype(dtype))
-    else:
-        src = models.resolve_source(model_or_path)
-        stream_dir = _stream_directory(src, stream, dtype, dist)
-        if stream_dir is not None:
-            from transformers import AutoTokenizer
-
-            shards = streaming.ShardSource(stream_dir)
-            try:
-                model = shards.build(models.parse_dtype(dtype), trust_remote_code=trust_remote_code)
-            except LlmpruneError as exc:
-                if stream:
-                    raise
-                log.warning("cannot stream this checkpoint (%s); loading it whole", exc)
-                shards = None
-            tokenizer = AutoTokenizer.from_pretrained(str(stream_dir), trust_remote_code=trust_remote_code)
-        if shards is None:
-            model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
-                                                          trust_remote_code=trust_remote_code)
-        source = {**asdict(src), "streamed": shards is not None}
+    model, tokenizer, source, shards = _load(model_or_path, tokenizer, stream=stream, dtype=dtype, dist=dist,
+                                             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     timings["load_s"] = time.perf_counter() - started
 
     seqlen = recipe.seqlen
@@ -231,6 +199,53 @@ def prune(
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     return (None if shards is not None else model), report
+
+
+def _leftover_run(out, resume: bool):
+    """OUT.partial's path and, with resume, the progress record of the run it holds (None: start afresh)."""
+    from llmprune import streaming
+
+    if out is None:
+        return None, None
+    partial = streaming.partial_path(out)
+    if partial.exists():
+        if not resume:
+            raise LlmpruneError(f"{partial} holds an unfinished run; continue it with --resume (same options), "
+                                f"or delete it to start over: rm -r '{partial}'")
+        return partial, streaming.PartialRun.read_progress(partial)
+    if resume:
+        log.info("nothing to resume in %s; starting from the first block", partial)
+    return partial, None
+
+
+def _load(model_or_path, tokenizer, *, stream: bool | None, dtype: str | None, dist, allow_pickle: bool,
+          trust_remote_code: bool):
+    """(model, tokenizer, source description, ShardSource or None): a streamed model is built on the meta device."""
+    from llmprune import streaming
+
+    if isinstance(model_or_path, nn.Module):
+        if stream:
+            raise LlmpruneError("--stream reads a model directory block by block; pass its path, not a loaded model.")
+        if dtype is not None:
+            model_or_path.to(models.parse_dtype(dtype))
+        return model_or_path, tokenizer, {"spec": type(model_or_path).__name__, "kind": "module"}, None
+    src = models.resolve_source(model_or_path)
+    stream_dir = _stream_directory(src, stream, dtype, dist)
+    if stream_dir is not None:
+        from transformers import AutoTokenizer
+
+        shards = streaming.ShardSource(stream_dir)
+        try:
+            model = shards.build(models.parse_dtype(dtype), trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(str(stream_dir), trust_remote_code=trust_remote_code)
+            return model, tokenizer, {**asdict(src), "streamed": True}, shards
+        except LlmpruneError as exc:
+            if stream:
+                raise
+            log.warning("cannot stream this checkpoint (%s); loading it whole", exc)
+    model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
+                                                  trust_remote_code=trust_remote_code)
+    return model, tokenizer, {**asdict(src), "streamed": False}, None
 
 
 def _offload_directory(asked, windows, model: nn.Module, partial: Path | None, dist) -> Path | None:
