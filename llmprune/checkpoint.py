@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern, parse_pattern, pattern_holds
 
 REPORT_FILE = "llmprune.json"
+SHARD_SIZE = "2GB"  # saved shards stay small, so rewriting one compressed holds little beside the model
 OUTPUT_FORMATS = ("dense", "compressed")
 
 
@@ -64,7 +67,7 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
     check_format(fmt)
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report["format"] = fmt
@@ -242,42 +245,52 @@ def _first_line(exc: BaseException) -> str:
 def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None) -> dict:
     """Rewrite the dense safetensors of a saved model in place: every `T.weight` with T in targets (or for which
     also(key, tensor) holds) is stored compressed, and config.json gets the compressed-tensors block. Returns
-    sizes per target.
+    sizes per target. Reads one tensor at a time and holds one file's compressed tensors at most.
 
     `directory` must be a temporary directory the caller renames when complete (see checkpoint.py).
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     files = weight_files(directory)
-    loaded: dict[Path, dict[str, Tensor]] = {}
-    for file in files:
+    chosen: set[str] = set()
+    linears: set[str] = set()
+    all_24 = True
+    for file in files:  # first pass: which weights, and whether every one of them holds 2:4
         with safe_open(str(file), framework="pt") as handle:
-            loaded[file] = {key: handle.get_tensor(key) for key in handle.keys()}
-    chosen = {k[: -len(".weight")]: v for tensors in loaded.values() for k, v in tensors.items()
-              if k.endswith(".weight") and (k[: -len(".weight")] in targets or (also is not None and also(k, v)))}
-    if not set(targets) <= set(chosen):
-        raise ValueError(f"weights not found in the checkpoint: {sorted(set(targets) - set(chosen))[:5]}")
-    fmt = fmt or formats.choose_format(chosen)
+            for key in handle.keys():
+                if not key.endswith(".weight") or len(handle.get_slice(key).get_shape()) != 2:
+                    continue
+                stem = key[: -len(".weight")]
+                linears.add(stem)
+                W = handle.get_tensor(key) if stem in targets or also is not None else None
+                if stem in targets or (also is not None and also(key, W)):
+                    chosen.add(stem)
+                    all_24 = all_24 and fmt is None and formats.choose_format({stem: W}) == formats.SPARSE24
+    if not set(targets) <= chosen:
+        raise ValueError(f"weights not found in the checkpoint: {sorted(set(targets) - chosen)[:5]}")
+    fmt = fmt or (formats.SPARSE24 if all_24 else formats.BITMASK)
     sizes: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     zeros = total = 0
-    for file, tensors in loaded.items():
-        out: dict[str, Tensor] = {}
-        for key, value in tensors.items():
-            prefix = key[: -len(".weight")] if key.endswith(".weight") else None
-            if prefix in chosen:
-                parts = formats.compress(fmt, value)
-                for part, tensor in parts.items():
-                    out[f"{prefix}.{part}"] = tensor
-                sizes[prefix] = {"dense_bytes": value.numel() * value.element_size(), "stored_bytes": formats.stored_bytes(parts)}
-                zeros += value.numel() - int(torch.count_nonzero(value))
-                total += value.numel()
-            else:
-                out[key] = value.contiguous()
-        save_file(out, str(file), metadata={"format": "pt"})
-        weight_map.update({key: file.name for key in out})
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            entries = []
+            for key in handle.keys():
+                stem = key[: -len(".weight")] if key.endswith(".weight") else None
+                if stem in chosen:
+                    value = handle.get_tensor(key)
+                    parts = formats.compress(fmt, value)
+                    entries += [(f"{stem}.{part}", t.dtype, tuple(t.shape), lambda t=t: t) for part, t in parts.items()]
+                    sizes[stem] = {"dense_bytes": value.numel() * value.element_size(), "stored_bytes": formats.stored_bytes(parts)}
+                    zeros += value.numel() - int(torch.count_nonzero(value))
+                    total += value.numel()
+                else:
+                    view = handle.get_slice(key)
+                    entries.append((key, DTYPE_OF_NAME[view.get_dtype()], tuple(view.get_shape()),
+                                    lambda key=key: handle.get_tensor(key)))
+            write_tensors(file, entries, {"format": "pt"})  # written aside, then renamed over the file read here
+        weight_map.update({name: file.name for name, *_ in entries})
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
@@ -286,13 +299,41 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
         index.write_text(json.dumps(data, indent=2) + "\n")
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
-    linears = {k[: -len(".weight")] for tensors in loaded.values() for k, v in tensors.items()
-               if k.endswith(".weight") and v.dim() == 2}
     structure = "2:4" if fmt == formats.SPARSE24 else "unstructured"
     config["quantization_config"] = formats.sparsity_config(fmt, global_sparsity=zeros / max(total, 1), structure=structure,
-                                                    ignore=sorted(linears - set(chosen)))
+                                                    ignore=sorted(linears - chosen))
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"format": fmt, "linears": sizes}
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
+           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPE_OF_NAME = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+def write_tensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, Callable[[], Tensor]]],
+                  metadata: dict[str, str]) -> None:
+    """Write a safetensors file holding one tensor in memory at a time: entries are (name, dtype, shape, a getter
+    called once, while writing). The safetensors layout: a little-endian u64 header length, a JSON header of
+    dtypes, shapes and byte offsets, then the raw data. Atomic (written aside, then renamed)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name, dtype, shape, get in entries:
+            x = get().detach().to("cpu").contiguous()
+            if x.dtype != dtype or tuple(x.shape) != tuple(shape):
+                raise ValueError(f"{name}: got {x.dtype} {tuple(x.shape)}, the header says {dtype} {tuple(shape)}")
+            handle.write(x.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
 
 
 def load_compressed(directory: str | Path, fmt: str, *, dtype=None):

@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -171,7 +170,7 @@ class ShardSource:
         from safetensors import safe_open
 
         with safe_open(str(self.file_of[key]), framework="pt") as handle:
-            dtype = _FROM_NAME[handle.get_slice(key).get_dtype()]
+            dtype = checkpoint.DTYPE_OF_NAME[handle.get_slice(key).get_dtype()]
         return self.dtype if dtype.is_floating_point else dtype
 
     def read_outside(self, keys: list[str]) -> dict[str, Tensor]:
@@ -398,7 +397,7 @@ class PartialRun(BlockStore):
             rest = source.outside_keys(self.model)
             linears.update(key[: -len(".weight")] for key in rest if key.endswith(".weight") and len(source.shape(key)) == 2)
             shard = f"model-{shards:05d}-of-{shards:05d}.safetensors"
-            _write_tensors(tmp / shard, [(key, source.stored_dtype(key), source.shape(key),
+            checkpoint.write_tensors(tmp / shard, [(key, source.stored_dtype(key), source.shape(key),
                                           lambda key=key: source.read_outside([key])[key]) for key in rest], {"format": "pt"})
             weight_map.update({key: shard for key in rest})
             index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
@@ -443,41 +442,11 @@ class _SavedInputs(Sequence):
             return handle.get_tensor(str(k))
 
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
-           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_FROM_NAME = {name: dtype for dtype, name in _DTYPES.items()}
-
-
-def _write_tensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, Callable[[], Tensor]]],
-                   metadata: dict[str, str]) -> None:
-    """Write a safetensors file holding one tensor in memory at a time: entries are (name, dtype, shape, a getter
-    called once, while writing). The safetensors layout: a little-endian u64 header length, a JSON header of
-    dtypes, shapes and byte offsets, then the raw data. Atomic (written aside, then renamed)."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape, _ in entries:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
-        for name, dtype, shape, get in entries:
-            x = get().detach().to("cpu").contiguous()
-            if x.dtype != dtype or tuple(x.shape) != tuple(shape):
-                raise ValueError(f"{name}: got {x.dtype} {tuple(x.shape)}, the header says {dtype} {tuple(shape)}")
-            handle.write(x.reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
-
-
 def _write_inputs(inputs: Sequence[Tensor], path: Path, metadata: dict[str, str]) -> None:
     """The micro-batches' inputs as tensors "0", "1", ..., read one at a time (they may be offloaded)."""
     shapes = getattr(inputs, "shapes", None) or [(x.dtype, tuple(x.shape)) for x in inputs]
-    _write_tensors(path, [(str(k), dtype, shape, lambda k=k: inputs[k]) for k, (dtype, shape) in enumerate(shapes)], metadata)
+    checkpoint.write_tensors(path, [(str(k), dtype, shape, lambda k=k: inputs[k]) for k, (dtype, shape) in enumerate(shapes)], metadata)
 
 
 def _write_dict(path: Path, tensors: dict[str, Tensor]) -> None:
-    _write_tensors(path, [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()], {"format": "pt"})
+    checkpoint.write_tensors(path, [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()], {"format": "pt"})
