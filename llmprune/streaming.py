@@ -193,6 +193,17 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _flat(options: dict, prefix: str = "") -> dict:
+    """{"recipe": {"sparsity": 0.5}} -> {"recipe.sparsity": 0.5}, so a mismatch names the field."""
+    flat = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _meta(param: Tensor) -> nn.Parameter:
     return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
 
@@ -245,9 +256,9 @@ class PartialRun(BlockStore):
     def resume(self, progress: dict, needs_inputs: bool = True) -> Sequence[Tensor] | None:
         """Take up a partial run: check its options, put the finished blocks' weights in place (in memory) and
         return this rank's saved inputs of the next block (None when every block is done or none are needed)."""
-        differ = [f"{k} {self.options.get(k)!r} (the partial run had {progress['options'].get(k)!r})"
-                  for k in sorted(set(self.options) | set(progress["options"]))
-                  if self.options.get(k) != progress["options"].get(k)]
+        ours, theirs = _flat(self.options), _flat(progress["options"])
+        differ = [f"{k} {ours.get(k)!r} (the partial run had {theirs.get(k)!r})"
+                  for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
         if differ:
             raise LlmpruneError(f"--resume with different options than the partial run in {self.path}: {'; '.join(differ)}; "
                                 f"rerun with the same options, or delete it to start over: rm -r '{self.path}'")

@@ -179,7 +179,8 @@ def test_resume_with_other_options_names_them(tmp_path, calib, monkeypatch):
         interrupt_after(patch, 0)
         with pytest.raises(LlmpruneError):
             api.prune(model, method="wanda", sparsity=0.5, out=tmp_path / "out", **calib)
-    with pytest.raises(LlmpruneError, match=r"different options than the partial run.*recipe.*'sparsity': 0\.6.*rm -r"):
+    with pytest.raises(LlmpruneError, match=r"different options than the partial run .*: recipe\.sparsity 0\.6 \(the partial "
+                                            r"run had 0\.5\); rerun with the same options, or delete it to start over: rm -r"):
         api.prune(model, method="wanda", sparsity=0.6, out=tmp_path / "out", resume=True, **calib)
 
 
