@@ -220,7 +220,8 @@ def prune_model(
                                   predicted, refine, dist, first_window)
             last = i == len(blocks) - 1
             if sequential:
-                outputs = _run_lockstep(on_device, i, captured, pruner)
+                for item, out in zip(captured, _run_lockstep(on_device, i, captured, pruner)):
+                    item.hidden = out
             else:
                 with pruner.hooks(sync=False):
                     for item in captured:
@@ -228,7 +229,6 @@ def prune_model(
                 progress.doing(i, "pruning")
                 pruner.prune_all(list(pruner.order))
                 progress.doing(i, "propagating")
-                outputs = None
                 if not last:  # each micro-batch's input is replaced by its output as soon as it is computed
                     for item in captured:
                         item.hidden = _run_block(on_device, i, item)
@@ -237,9 +237,6 @@ def prune_model(
             missing = set(pruner.linears) - set(pruner.pruned)
             if missing:
                 raise RuntimeError(f"linears never called by the block's forward: {sorted(missing)}")
-            if outputs is not None:
-                for item, out in zip(captured, outputs):
-                    item.hidden = out
             if on_device is not block:
                 _to_device(block, torch.device("cpu"))
             results.extend(pruner.results)
@@ -552,6 +549,7 @@ class _BlockPruner:
         return W_new, (time.perf_counter() - started, merged)
 
     def _solve_slices(self, solver: Solver, slices: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[dict | None]]:
+        """Prune weights (or row slices of them) of the named linears with one solver: (new weights, DSnoT reports)."""
         if not slices:
             return [], []
         sparsities = [self.sparsity_of(n) for n in names]
@@ -564,13 +562,7 @@ class _BlockPruner:
 
     def _solve(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         started = time.perf_counter()
-        if len(members) == 1:
-            W_new = [solver.prune(get_weight(self.linears[members[0]]), self.sparsity_of(members[0]), self.pattern)]
-        else:
-            W_new = solver.prune_many([get_weight(self.linears[n]) for n in members],
-                                      [self.sparsity_of(n) for n in members], self.pattern)
-        reports = getattr(solver, "reports", None)
-        refined = [reports.pop(0) for _ in W_new] if reports else [None] * len(W_new)
+        W_new, refined = self._solve_slices(solver, [get_weight(self.linears[n]) for n in members], members)
         return W_new, (time.perf_counter() - started, refined)
 
     def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None) -> None:

@@ -68,21 +68,29 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report["format"] = fmt
-        if fmt == "compressed" and targets:
-            modules = {name for name, _ in model.named_modules()}
-            also = _split_experts(model) if set(targets) - modules else None
-            written = compress_directory(tmp, targets & modules, also=also)
-            report["format"] = written["format"]
-            sizes = written["linears"]
-            report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
-                               "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        modules = {name for name, _ in model.named_modules()}
+        also = _split_experts(model) if targets and set(targets) - modules else None
+        finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules,
+                         also=also, files=files)
     return out
+
+
+def finish_directory(tmp: Path, *, tokenizer, report: dict, fmt: str, targets: set[str], files: dict[str, str] | None,
+                     also=None) -> None:
+    """Complete a directory that holds the dense shards and config.json: compress the targets' weights (`T.weight`
+    for T in targets, as saved) when fmt is compressed, then the tokenizer, text `files` and llmprune.json."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    report["format"] = fmt
+    if fmt == "compressed" and (targets or also is not None):
+        written = compress_directory(tmp, targets, also=also)
+        report["format"] = written["format"]
+        sizes = written["linears"]
+        report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
+                           "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwrite: bool = False) -> Path:

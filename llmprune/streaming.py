@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmprune import checkpoint, formats
+from llmprune import checkpoint
 from llmprune.calibrate import BlockStore, LinearResult
 from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
-from llmprune.models import find_blocks, get_weight
+from llmprune.models import find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ class ShardSource:
                 raise LlmpruneError(f"could not read {file.name} ({exc}); the file is truncated or corrupted.") from None
         self.key_of: dict[str, str] = {}  # parameter name in the model -> tensor name in the shards
         _return_freed_memory()
-
-    def weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in set(self.file_of.values()))
 
     def build(self, dtype: torch.dtype | None, trust_remote_code: bool = False) -> nn.Module:
         """The model with every parameter on the meta device (buffers real), mapped to the shards' tensors."""
@@ -116,19 +113,12 @@ class ShardSource:
                 return handles[file].get_tensor(key)
             yield read
 
-    def materialize(self, module: nn.Module, prefix: str) -> None:
-        """Read the parameters of `module` (named `prefix` in the model) from the shards, in the run's dtype."""
+    def materialize(self, module: nn.Module, prefix: str, names: list[str] | None = None) -> None:
+        """Read the parameters of `module` (named `prefix` in the model; all, or those `names` relative to it) from
+        the shards, in the run's dtype."""
         with self._reader() as read:
-            for name, owner, leaf, param in _parameters(module):
+            for name, owner, leaf, param in _parameters(module, names):
                 self._set(read, owner, leaf, param, f"{prefix}.{name}" if prefix else name)
-
-    def materialize_names(self, model: nn.Module, names: list[str]) -> None:
-        modules = dict(model.named_modules())
-        with self._reader() as read:
-            for name in names:
-                owner_name, _, leaf = name.rpartition(".")
-                owner = modules[owner_name]
-                self._set(read, owner, leaf, owner._parameters[leaf], name)
 
     def _set(self, read, owner: nn.Module, leaf: str, param: Tensor, full: str) -> None:
         tensor = read(self.key_of[full])
@@ -140,18 +130,10 @@ class ShardSource:
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
     @staticmethod
-    def release(module: nn.Module) -> None:
-        """Put `module`'s parameters back on the meta device, freeing their memory."""
-        for _, owner, leaf, param in _parameters(module):
+    def release(module: nn.Module, names: list[str] | None = None) -> None:
+        """Put `module`'s parameters (all, or those `names`) back on the meta device, freeing their memory."""
+        for _, owner, leaf, param in _parameters(module, names):
             owner._parameters[leaf] = _meta(param)
-
-    @staticmethod
-    def release_names(model: nn.Module, names: list[str]) -> None:
-        modules = dict(model.named_modules())
-        for name in names:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = modules[owner_name]
-            owner._parameters[leaf] = _meta(owner._parameters[leaf])
 
     def outside_keys(self, model: nn.Module) -> list[str]:
         """Tensors of the shards that are not inside the decoder blocks, in shard order."""
@@ -159,24 +141,24 @@ class ShardSource:
         inside = {key for name, key in self.key_of.items() if name.startswith(blocks_name + ".")}
         return [key for key in self.file_of if key not in inside]
 
-    def shape(self, key: str) -> tuple:
+    @staticmethod
+    def header(handle, key: str) -> tuple[torch.dtype, tuple]:
+        """(dtype, shape) of a tensor in an open safetensors file, without reading it."""
+        view = handle.get_slice(key)
+        return checkpoint.DTYPE_OF_NAME[view.get_dtype()], tuple(view.get_shape())
+
+    def outside_header(self, key: str) -> tuple[torch.dtype, tuple]:
+        """(dtype, shape) `read_outside` gives the tensor: the run's dtype for floating tensors, else the stored one."""
         from safetensors import safe_open
 
         with safe_open(str(self.file_of[key]), framework="pt") as handle:
-            return tuple(handle.get_slice(key).get_shape())
+            dtype, shape = self.header(handle, key)
+        return (self.dtype if dtype.is_floating_point else dtype), shape
 
-    def stored_dtype(self, key: str) -> torch.dtype:
-        """The dtype `read_outside` gives the tensor: the run's for floating tensors, else the stored one."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.file_of[key]), framework="pt") as handle:
-            dtype = checkpoint.DTYPE_OF_NAME[handle.get_slice(key).get_dtype()]
-        return self.dtype if dtype.is_floating_point else dtype
-
-    def read_outside(self, keys: list[str]) -> dict[str, Tensor]:
+    def read_outside(self, key: str) -> Tensor:
         with self._reader() as read:
-            tensors = {key: read(key) for key in keys}
-        return {key: (t.to(self.dtype) if t.is_floating_point() else t).contiguous() for key, t in tensors.items()}
+            tensor = read(key)
+        return (tensor.to(self.dtype) if tensor.is_floating_point() else tensor).contiguous()
 
 
 def _return_freed_memory() -> None:
@@ -208,7 +190,14 @@ def _meta(param: Tensor) -> nn.Parameter:
     return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
 
 
-def _parameters(module: nn.Module):
+def _parameters(module: nn.Module, names: list[str] | None = None):
+    """(name, owning module, attribute, parameter) for every parameter of `module`, or for those `names`."""
+    if names is not None:
+        for name in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            yield name, owner, leaf, owner._parameters[leaf]
+        return
     for owner_name, owner in module.named_modules():
         for leaf, param in list(owner._parameters.items()):
             if param is not None:
@@ -231,7 +220,6 @@ class PartialRun(BlockStore):
         self.done_blocks = 0
         self.results: list[dict] = []
         self.extra: dict = {}  # run-level facts to keep (allocation, notes)
-        self.sparse24: list[bool] = []  # per finished block: every pruned linear holds 2:4
 
     # -- starting --
     def start(self, extra: dict) -> None:
@@ -263,7 +251,7 @@ class PartialRun(BlockStore):
             raise LlmpruneError(f"--resume with different options than the partial run in {self.path}: {'; '.join(differ)}; "
                                 f"rerun with the same options, or delete it to start over: rm -r '{self.path}'")
         self.done_blocks, self.results = int(progress["done"]), list(progress["results"])
-        self.extra, self.sparse24 = progress.get("extra", {}), list(progress.get("sparse24", []))
+        self.extra = progress.get("extra", {})
         _, blocks = find_blocks(self.model)
         if self.source is None:
             for i in range(self.done_blocks):
@@ -319,11 +307,11 @@ class PartialRun(BlockStore):
         output_name = next((n for n, m in self.model.named_modules() if m is output), None) if output is not None else None
         names = [n for n, _ in self.model.named_parameters()
                  if not n.startswith(self.blocks_name + ".") and (output_name is None or not n.startswith(output_name + "."))]
-        self.source.materialize_names(self.model, names)
+        self.source.materialize(self.model, "", names)
         try:
             yield
         finally:
-            self.source.release_names(self.model, names)
+            self.source.release(self.model, names)
 
     def load(self, index: int, block: nn.Module) -> None:
         if self.source is not None:
@@ -339,11 +327,6 @@ class PartialRun(BlockStore):
         if self.dist.main:
             prefix = f"{self.blocks_name}.{index}."
             _write_dict(self._block_file(index), {prefix + k: v for k, v in block.state_dict().items()})
-        if self.dist.main and self.source is not None:  # the layout assemble() will choose
-            pruned = {r.name for r in results if r.sparsity > 0}
-            modules = dict(block.named_modules())
-            self.sparse24.append(all(
-                formats.choose_format({n: get_weight(modules[n[len(prefix):]])}) == formats.SPARSE24 for n in pruned))
         if inputs is not None:
             _write_inputs(inputs, self.path / f"inputs-rank{self.dist.rank}.safetensors", {"block": str(index + 1)})
         self.dist.barrier()
@@ -351,12 +334,11 @@ class PartialRun(BlockStore):
         self.results.extend(asdict(r) for r in results)
         if self.dist.main:
             self._write_progress()
-        if self.source is not None:
-            self.source.release(block)
+        self.release(index, block)
 
     def _write_progress(self) -> None:
         record = {"state_version": STATE_VERSION, "blocks": self.total, "done": self.done_blocks, "options": self.options,
-                  "results": self.results, "extra": self.extra, "sparse24": self.sparse24}
+                  "results": self.results, "extra": self.extra}
         tmp = self.path / f".{PROGRESS_FILE}.tmp"
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(tmp, self.path / PROGRESS_FILE)
@@ -368,48 +350,26 @@ class PartialRun(BlockStore):
     # -- the final directory, from the finished blocks (streaming) --
     def assemble(self, target: Path, *, tokenizer, fmt: str, targets: set[str], report: dict, files: dict[str, str],
                  overwrite: bool = False) -> Path:
-        """Write OUT/ from the finished blocks and the source's other tensors: one shard per block plus one for
-        the rest, an index, config.json (with the sparsity block when compressed), tokenizer and text files.
+        """Write OUT/ from the finished blocks and the source's other tensors: one dense shard per block plus one
+        for the rest, an index and config.json, then finished as any checkpoint (compression, tokenizer, files).
         Tensors are read and written one at a time."""
         from safetensors import safe_open
 
         source = self.source
-        compressed = fmt == "compressed" and bool(targets)
-        layout = formats.SPARSE24 if compressed and all(self.sparse24) else formats.BITMASK
         shards = self.total + 1
         weight_map: dict[str, str] = {}
-        sizes: dict[str, dict] = {}
-        zeros = total = 0
-        linears: set[str] = set()
         with checkpoint.atomic_directory(target, overwrite=overwrite) as tmp:
             for i in range(self.total):
-                out: dict[str, Tensor] = {}
-                with safe_open(str(self._block_file(i)), framework="pt") as handle:
-                    for name in handle.keys():
-                        tensor = handle.get_tensor(name)
-                        key = source.key_of.get(name, name)
-                        module = name[: -len(".weight")] if name.endswith(".weight") else None
-                        if module is not None and tensor.dim() == 2:
-                            linears.add(key[: -len(".weight")])
-                        if compressed and module in targets:
-                            parts = formats.compress(layout, tensor)
-                            stem = key[: -len(".weight")]
-                            out.update({f"{stem}.{part}": t for part, t in parts.items()})
-                            sizes[stem] = {"dense_bytes": tensor.numel() * tensor.element_size(),
-                                           "stored_bytes": formats.stored_bytes(parts)}
-                            zeros += tensor.numel() - int(torch.count_nonzero(tensor))
-                            total += tensor.numel()
-                        else:
-                            out[key] = tensor
                 shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-                _write_dict(tmp / shard, out)
-                weight_map.update({key: shard for key in out})
-                del out
-            rest = source.outside_keys(self.model)
-            linears.update(key[: -len(".weight")] for key in rest if key.endswith(".weight") and len(source.shape(key)) == 2)
+                with safe_open(str(self._block_file(i)), framework="pt") as handle:
+                    entries = [(source.key_of.get(name, name), *source.header(handle, name),
+                                lambda name=name: handle.get_tensor(name)) for name in handle.keys()]
+                    checkpoint.write_tensors(tmp / shard, entries, {"format": "pt"})
+                weight_map.update({key: shard for key, *_ in entries})
             shard = f"model-{shards:05d}-of-{shards:05d}.safetensors"
-            checkpoint.write_tensors(tmp / shard, [(key, source.stored_dtype(key), source.shape(key),
-                                          lambda key=key: source.read_outside([key])[key]) for key in rest], {"format": "pt"})
+            rest = source.outside_keys(self.model)
+            checkpoint.write_tensors(tmp / shard, [(key, *source.outside_header(key), lambda key=key: source.read_outside(key))
+                                                   for key in rest], {"format": "pt"})
             weight_map.update({key: shard for key in rest})
             index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
                      "weight_map": dict(sorted(weight_map.items()))}
@@ -417,23 +377,12 @@ class PartialRun(BlockStore):
             config = json.loads((source.directory / "config.json").read_text())
             config["dtype"] = str(source.dtype).replace("torch.", "")
             config.pop("torch_dtype", None)
-            report["format"] = fmt
-            if compressed:
-                config["quantization_config"] = formats.sparsity_config(
-                    layout, global_sparsity=zeros / max(total, 1), structure="2:4" if layout == formats.SPARSE24 else "unstructured",
-                    ignore=sorted(linears - set(sizes)))
-                report["format"] = layout
-                report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
-                                   "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             generation = source.directory / "generation_config.json"
             if generation.is_file():
                 shutil.copyfile(generation, tmp / generation.name)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            for name, text in files.items():
-                (tmp / name).write_text(text)
-            (tmp / checkpoint.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            stored = {source.key_of[f"{name}.weight"][: -len(".weight")] for name in targets}  # names as in the shards
+            checkpoint.finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=stored, files=files)
         return target
 
 
