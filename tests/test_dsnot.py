@@ -72,6 +72,18 @@ def test_output_error_matches_the_direct_computation():
                                true_error(W, W_new, X) - true_error(W, W_hat, X), rtol=1e-3, atol=1e-2)
 
 
+def test_moments_match_the_direct_computation():
+    X = llm_like_inputs(windows=5) * 3 + 0.5  # a mean well away from zero, where E[x²] − E[x]² loses digits
+    stats = DSnoTStats(64, torch.device("cpu"))
+    for chunk in X.split(2):
+        stats.add_batch(chunk)
+    X64 = X.double()
+    torch.testing.assert_close(stats.window_mean().double(), X64.sum(1).mean(0).float().double(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(stats.variance().double(), X64.var(dim=1, unbiased=False).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.norms().double(), X64.square().sum((0, 1)).sqrt(), rtol=1e-6, atol=1e-6)
+    assert stats.windows == 5 and stats.tokens == X.shape[0] * X.shape[1]
+
+
 def test_borrowed_hessian_gives_the_same_halves():
     X = llm_like_inputs(windows=5)
     own = DSnoTStats(64, torch.device("cpu"))
