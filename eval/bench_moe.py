@@ -2,8 +2,9 @@
 
 Builds a Mixtral-architecture checkpoint (8 experts, top-2, ~0.5B parameters by default) and a Llama of the
 same hidden and intermediate width and depth (one dense MLP where the MoE has eight experts), saved in bf16;
-prunes both with SparseGPT 2:4 in fp32 on the CPU and reports wall time, peak RSS and, for the MoE, the share
-of the pruning time spent in the experts' solves and the spread of tokens over experts.
+prunes both with SparseGPT 2:4 in fp32 on the CPU (the MoE twice: loaded whole, and streamed block by block) and
+reports wall time, peak RSS and, for the MoE, the share of the pruning time spent in the experts' solves and the
+spread of tokens over experts.
 
     python eval/bench_moe.py --text ../shared/data/wikitext2/valid.txt
 """
@@ -64,12 +65,15 @@ def main() -> None:
             "width": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers}}
     print(json.dumps(info), flush=True)
     rows = []
-    for name, (path, params) in write_models(work, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                                             experts=args.experts).items():
+    models = write_models(work, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, experts=args.experts)
+    runs = [("moe", "--no-stream"), ("moe", "--stream"), ("dense", "--no-stream")]
+    for model, streaming in runs:
+        path, params = models[model]
+        name = model + ("-streamed" if streaming == "--stream" else "")
         out = work / f"out-{name}"
         command = [sys.executable, "-m", "llmprune", "prune", str(path), "--method", "sparsegpt", "--pattern", "2:4",
                    "--calib", args.text, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu",
-                   "--dtype", "float32", "--out", str(out), "--overwrite", "--json"]
+                   "--dtype", "float32", "--out", str(out), "--overwrite", "--json", streaming]
         result = run(command, work / f"out-{name}.log")
         report = json.loads((out / "llmprune.json").read_text())
         row = {"model": name, "params": params, **result, "prune_s": round(report["timings"]["prune_s"], 1),

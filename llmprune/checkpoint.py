@@ -69,7 +69,7 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         modules = {name for name, _ in model.named_modules()}
-        also = _split_experts(model) if targets and set(targets) - modules else None
+        also = split_experts(model) if targets and set(targets) - modules else None
         finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules,
                          also=also, files=files)
     return out
@@ -126,7 +126,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
     return {"source": str(source), "output": str(target), "format": report.get("format", fmt), "bytes": size}
 
 
-def _split_experts(model):
+def split_experts(model):
     """Which saved tensors hold pruned experts: transformers saves fused experts split per expert under names that
     are no module of the model (`...experts.3.gate_proj.weight`); those inside the blocks that have enough zeros."""
     from llmprune import models

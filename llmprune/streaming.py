@@ -61,6 +61,9 @@ class ShardSource:
             except (SafetensorError, OSError) as exc:
                 raise LlmpruneError(f"could not read {file.name} ({exc}); the file is truncated or corrupted.") from None
         self.key_of: dict[str, str] = {}  # parameter name in the model -> tensor name in the shards
+        # parameter name -> (transformers' converter, [(its source pattern, tensor name in the shards)]): parameters
+        # that transformers assembles from several stored tensors when loading (fused MoE experts)
+        self.converted: dict[str, tuple[object, list[tuple[str, str]]]] = {}
         _return_freed_memory()
 
     def build(self, dtype: torch.dtype | None, trust_remote_code: bool = False) -> nn.Module:
@@ -76,6 +79,7 @@ class ShardSource:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.tie_weights()  # tied on the meta device too, so lm_head maps to the stored embeddings
         self.dtype = dtype
+        self.model = model
         self._map(model)
         return model.eval()
 
@@ -91,11 +95,45 @@ class ShardSource:
         for name, param in model.named_parameters(remove_duplicate=False):
             if name not in self.key_of and id(param) in seen:  # tied to a stored tensor (lm_head = embeddings)
                 self.key_of[name] = seen[id(param)]
-        for name, _ in model.named_parameters(remove_duplicate=False):
-            if name not in self.key_of:
+        missing = [name for name, _ in model.named_parameters(remove_duplicate=False) if name not in self.key_of]
+        if missing:
+            self._map_converted(model, set(missing))
+        for name in missing:
+            if name not in self.key_of and name not in self.converted:
                 raise LlmpruneError(
-                    f"{self.directory}: tensor '{name}' is missing from the safetensors shards (or stored under a name "
-                    "that transformers converts when loading); download the model again, or prune without --stream.")
+                    f"{self.directory}: tensor '{name}' is missing from the safetensors shards (nor does transformers' "
+                    "conversion of stored names give it); download the model again, or prune without --stream.")
+
+    def _map_converted(self, model: nn.Module, missing: set[str]) -> None:
+        """Map the parameters transformers builds from differently named or several stored tensors (renamed keys,
+        per-expert weights fused into one 3-D parameter), by transformers' own conversion rules for the model."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+        except ImportError:  # a transformers without conversion rules stores every parameter under its own name
+            return
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        used = set(self.key_of.values())
+        for key in sorted(self.file_of, key=dot_natural_key):  # transformers' order, which fixes the expert order
+            if key in used:
+                continue
+            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, params)
+            if name not in missing:
+                continue
+            if pattern is None:
+                self.key_of[name] = key
+            else:
+                self.converted.setdefault(name, (by_pattern[pattern], []))[1].append((pattern, key))
+
+    def stored_keys(self, name: str) -> list[str]:
+        """The shards' tensors a parameter is read from."""
+        if name in self.converted:
+            return [key for _, key in self.converted[name][1]]
+        return [self.key_of[name]]
 
     @contextlib.contextmanager
     def _reader(self):
@@ -121,13 +159,49 @@ class ShardSource:
                 self._set(read, owner, leaf, param, f"{prefix}.{name}" if prefix else name)
 
     def _set(self, read, owner: nn.Module, leaf: str, param: Tensor, full: str) -> None:
-        tensor = read(self.key_of[full])
-        if tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
+        def cast(tensor: Tensor) -> Tensor:
+            return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+        if full in self.converted:
+            tensor = self._convert(full, lambda key: cast(read(key)))
+        else:
+            tensor = cast(read(self.key_of[full]))
         if tuple(tensor.shape) != tuple(param.shape):
-            raise LlmpruneError(f"{self.directory}: tensor '{self.key_of[full]}' has shape {tuple(tensor.shape)}, "
-                                f"the model's config wants {tuple(param.shape)}; the checkpoint does not fit its config.")
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            raise LlmpruneError(f"{self.directory}: tensor '{', '.join(self.stored_keys(full))}' gives shape "
+                                f"{tuple(tensor.shape)}, the model's config wants {tuple(param.shape)}; the checkpoint "
+                                "does not fit its config.")
+        owner._parameters[leaf] = nn.Parameter(tensor.contiguous(), requires_grad=False)
+
+    def _convert(self, full: str, read) -> Tensor:
+        """A converted parameter from its stored tensors, by transformers' converter (e.g. experts stacked)."""
+        import copy
+
+        template, sources = self.converted[full]
+        converter = copy.deepcopy(template)
+        for pattern, key in sources:
+            converter.add_tensor(full, key, pattern, lambda key=key: read(key))
+        produced = converter.convert(full, model=self.model, config=self.model.config)
+        tensor = produced.get(full)
+        if tensor is None:
+            raise LlmpruneError(f"{self.directory}: converting {', '.join(k for _, k in sources)} did not give '{full}' "
+                                f"(it gave {', '.join(produced)}); prune without --stream.")
+        return tensor[0] if isinstance(tensor, list) else tensor
+
+    def stored_form(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Parameters by model name -> tensors by the names the shards use (converted ones split back as stored,
+        by transformers' reverse conversion, the way save_pretrained writes them)."""
+        out = {self.key_of[name]: t for name, t in tensors.items() if name in self.key_of}
+        fused = {name: t for name, t in tensors.items() if name in self.converted}
+        if fused:
+            from transformers.core_model_loading import revert_weight_conversion
+
+            split = revert_weight_conversion(self.model, fused)
+            expected = {key for name in fused for key in self.stored_keys(name)}
+            if set(split) != expected:
+                raise LlmpruneError(f"{self.directory}: transformers' reverse conversion gives {sorted(set(split) - expected)[:3]} "
+                                    f"instead of the stored {sorted(expected - set(split))[:3]}; prune without --stream.")
+            out.update(split)
+        return out
 
     @staticmethod
     def release(module: nn.Module, names: list[str] | None = None) -> None:
@@ -138,7 +212,8 @@ class ShardSource:
     def outside_keys(self, model: nn.Module) -> list[str]:
         """Tensors of the shards that are not inside the decoder blocks, in shard order."""
         blocks_name, _ = find_blocks(model)
-        inside = {key for name, key in self.key_of.items() if name.startswith(blocks_name + ".")}
+        inside = {key for name in [*self.key_of, *self.converted] if name.startswith(blocks_name + ".")
+                  for key in self.stored_keys(name)}
         return [key for key in self.file_of if key not in inside]
 
     @staticmethod
@@ -362,9 +437,14 @@ class PartialRun(BlockStore):
             for i in range(self.total):
                 shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
                 with safe_open(str(self._block_file(i)), framework="pt") as handle:
+                    names = list(handle.keys())
                     entries = [(source.key_of.get(name, name), *source.header(handle, name),
-                                lambda name=name: handle.get_tensor(name)) for name in handle.keys()]
+                                lambda name=name: handle.get_tensor(name)) for name in names if name not in source.converted]
+                    # fused parameters go back to the stored per-expert tensors (one block's worth in memory)
+                    split = source.stored_form({name: handle.get_tensor(name) for name in names if name in source.converted})
+                    entries += [(key, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()) for key, t in split.items()]
                     checkpoint.write_tensors(tmp / shard, entries, {"format": "pt"})
+                    del split
                 weight_map.update({key: shard for key, *_ in entries})
             shard = f"model-{shards:05d}-of-{shards:05d}.safetensors"
             rest = source.outside_keys(self.model)
@@ -381,8 +461,11 @@ class PartialRun(BlockStore):
             generation = source.directory / "generation_config.json"
             if generation.is_file():
                 shutil.copyfile(generation, tmp / generation.name)
-            stored = {source.key_of[f"{name}.weight"][: -len(".weight")] for name in targets}  # names as in the shards
-            checkpoint.finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=stored, files=files)
+            stored = {source.key_of[f"{name}.weight"][: -len(".weight")] for name in targets
+                      if f"{name}.weight" in source.key_of}  # names as in the shards
+            also = checkpoint.split_experts(self.model) if len(stored) < len(targets) else None  # experts, stored per expert
+            checkpoint.finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=stored, also=also,
+                                        files=files)
         return target
 
 

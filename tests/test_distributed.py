@@ -73,7 +73,7 @@ def test_more_processes_than_micro_batches_is_a_clear_error(tmp_path, text_file)
     assert "Traceback" not in run.stderr.split("error:")[0][-200:]
 
 
-def test_two_gloo_processes_share_the_experts_and_equal_one(tmp_path, text_file):
+def test_two_streaming_gloo_processes_share_the_experts_and_equal_one(tmp_path, text_file):
     from conftest import byte_tokenizer
     from test_moe import moe_model
 
@@ -84,8 +84,9 @@ def test_two_gloo_processes_share_the_experts_and_equal_one(tmp_path, text_file)
             "--seqlen", "64", "--microbatch", "2", "--device", "cpu", "--format", "dense"]
     one = torchrun(1, [*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    two = torchrun(2, [*args, "--out", str(tmp_path / "two"), "--stream"])  # and streamed: experts fused block by block
     assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "llmprune.json").read_text())["model"]["streamed"] is True
     a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
     assert set(a) == set(b) and any(".experts." in k for k in a)
     for key in a:

@@ -212,11 +212,56 @@ def test_owl_counts_the_experts(moe_dir, text_file):
     assert sum(s * t for s, t in zip(sizes, targets)) / sum(sizes) == pytest.approx(0.6)  # OWL's weighted mean, experts in
 
 
-def test_forced_streaming_says_what_moe_lacks(tmp_path, moe_dir, text_file):
-    source = str(moe_dir("mixtral"))
-    with pytest.raises(LlmpruneError, match="converts when loading"):
-        api.prune(source, method="wanda", calibration=str(text_file), nsamples=4, seqlen=32, device="cpu",
-                  out=tmp_path / "o", stream=True)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,pattern,fmt", [("wanda", "unstructured", "dense"), ("sparsegpt", "2:4", "compressed")])
+def test_streamed_moe_equals_in_memory(tmp_path, text_file, family, method, pattern, fmt):
+    """Checkpoints store experts one tensor per expert and projection; transformers fuses them when loading. Streaming
+    reads and fuses them block by block by transformers' own rules and writes them back per expert, so the output has
+    the same tensors, names and bits as the in-memory run's."""
+    from conftest import byte_tokenizer
+    from test_streaming import assert_same
+
+    source = tmp_path / "src"
+    moe_model(family, layers=3).save_pretrained(source, max_shard_size="100KB")
+    byte_tokenizer().save_pretrained(source)
+    stored = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(".experts.0." in key for key in stored)  # per-expert tensors on disk, fused in the model
+    outs = {}
+    for stream in (False, True):
+        outs[stream] = tmp_path / f"out-{stream}"
+        _, report = api.prune(str(source), method=method, sparsity=0.5, pattern=pattern, calibration=str(text_file),
+                              nsamples=8, seqlen=32, device="cpu", out=outs[stream], stream=stream, format=fmt)
+        assert report["model"]["streamed"] is stream
+    assert_same(outs[False], outs[True])
+    written = json.loads((outs[True] / "model.safetensors.index.json").read_text())["weight_map"]
+    if fmt == "dense":
+        assert set(written) == set(stored)
+    model, _, _ = load_model(str(outs[True]))
+    for experts in experts_of(model):
+        for e in range(experts.num_experts):
+            W = ExpertProjection(experts, "down_proj", e, "").weight_view
+            assert (W == 0).float().mean().item() == pytest.approx(0.5)
+    logits = model(torch.randint(0, VOCAB, (1, 16))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_streamed_moe_reads_one_block_at_a_time(tmp_path, text_file, monkeypatch):
+    from conftest import byte_tokenizer
+    from llmprune import streaming
+
+    source = tmp_path / "src"
+    moe_model("mixtral", layers=3).save_pretrained(source)
+    byte_tokenizer().save_pretrained(source)
+    live = []
+    original = streaming.ShardSource._convert
+
+    def watch(self, full, read):
+        live.append(full.split(".")[2])
+        return original(self, full, read)
+    monkeypatch.setattr(streaming.ShardSource, "_convert", watch)
+    api.prune(str(source), method="wanda", sparsity=0.5, calibration=str(text_file), nsamples=4, seqlen=32, device="cpu",
+              out=tmp_path / "o", stream=True)
+    assert live == ["0", "0", "1", "1", "2", "2"]  # each block's fused experts built when the block is reached
 
 
 def test_router_linears_are_found_structurally():
