@@ -481,7 +481,7 @@ class _BlockPruner:
                 solver.reduce_(self.dist.sum_)
                 self._reduced.add(id(solver))
         self._fallbacks(plans)
-        if self.dist.active and len(plans) < self.dist.world and all(s.row_separable(self.pattern) for _, s, _ in plans):
+        if self.dist.active and len(plans) < self.dist.world and all(self._rows_shareable(*plan) for plan in plans):
             solved = [self._solve_rows(solver, members) for _, solver, members in plans]  # too few solves to go round
         else:
             jobs = [(lambda solver=solver, members=members: self._solve(solver, members)) for _, solver, members in plans]
@@ -516,9 +516,18 @@ class _BlockPruner:
                 plans[k] = (name, make_solver(FALLBACK, in_features(self.linears[name]), self.device), members)
                 self.fallback[name] = FALLBACK
 
+    def _rows_shareable(self, name: str, solver: Solver, members: list[str]) -> bool:
+        """Whether the ranks can share this solve's rows: rows independent (Wanda, N:M), or a mask chosen over all
+        rows that the ranks can choose together (SparseGPT unstructured), with at least a row for every rank."""
+        rows = sum(get_weight(self.linears[m]).shape[0] for m in members)
+        coupled = not solver.row_separable(self.pattern)
+        return rows >= self.dist.world and (not coupled or getattr(solver, "selects_across_rows", False))
+
     def _solve_rows(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         """One solve shared by the ranks: each prunes a contiguous share of the members' stacked rows, then every
-        rank gets every row (for solvers whose rows are independent, this is the single-process result)."""
+        rank gets every row (for solvers whose rows are independent, this is the single-process result). Where the
+        mask is chosen over all rows of a column block (SparseGPT unstructured), the ranks gather each block's scores
+        and choose it together, the way one process would."""
         started = time.perf_counter()
         weights = [get_weight(self.linears[m]) for m in members]
         offsets = [0]
@@ -532,7 +541,16 @@ class _BlockPruner:
         slices = [weights[k][a:b] for k, a, b in parts]
         names = [members[k] for k, _, _ in parts]
         log.debug("%s: rows %d:%d of %d solved here", members[0], lo, hi, offsets[-1])
-        local, reports = self._solve_slices(solver, slices, names)
+        select = None
+        if not solver.row_separable(self.pattern):
+            from llmprune.solvers.sparsegpt import select_block
+
+            sizes = [b - a for a, b in spans]
+            every = [self.sparsity_of(m) for m in members]
+
+            def select(scores: Tensor, _bounds, _sparsities, i1: int, i2: int) -> Tensor:
+                return select_block(self.dist.cat(scores, sizes, dim=1), offsets, every, i1, i2)[:, lo:hi]
+        local, reports = self._solve_slices(solver, slices, names, select)
         stacked = torch.cat(local) if local else weights[0][:0].clone()
         gathered, all_reports = [], []
         for r, (a, b) in enumerate(spans):
@@ -548,12 +566,16 @@ class _BlockPruner:
                     merged[k] = report if merged[k] is None else {key: merged[k][key] + report[key] for key in report}
         return W_new, (time.perf_counter() - started, merged)
 
-    def _solve_slices(self, solver: Solver, slices: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[dict | None]]:
-        """Prune weights (or row slices of them) of the named linears with one solver: (new weights, DSnoT reports)."""
+    def _solve_slices(self, solver: Solver, slices: list[Tensor], names: list[str],
+                      select=None) -> tuple[list[Tensor], list[dict | None]]:
+        """Prune weights (or row slices of them) of the named linears with one solver: (new weights, DSnoT reports).
+        select: the mask choice over every rank's rows, for solvers that choose over all rows (see SparseGPT)."""
         if not slices:
             return [], []
         sparsities = [self.sparsity_of(n) for n in names]
-        if len(slices) == 1:
+        if select is not None:
+            W_new = solver.prune_many(slices, sparsities, self.pattern, select=select)
+        elif len(slices) == 1:
             W_new = [solver.prune(slices[0], sparsities[0], self.pattern)]
         else:
             W_new = solver.prune_many(slices, sparsities, self.pattern)

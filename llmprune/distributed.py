@@ -53,6 +53,17 @@ class Dist:
             return value
         return int(self.sum_(torch.tensor([value], dtype=torch.int64, device=self._comm_device())).item())
 
+    def cat(self, tensor: Tensor, sizes: Sequence[int], dim: int = -1) -> Tensor:
+        """Every rank's `tensor` joined along `dim` in rank order; sizes[r]: rank r's length along `dim`."""
+        if not self.active:
+            return tensor
+        pad = list(tensor.shape)
+        pad[dim] = max(sizes) - tensor.shape[dim]
+        padded = torch.cat([tensor, tensor.new_zeros(pad)], dim=dim).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat([part.narrow(dim, 0, size) for part, size in zip(parts, sizes)], dim=dim)
+
     def broadcast_(self, tensor: Tensor, src: int) -> Tensor:
         """Overwrite `tensor` on every rank with rank `src`'s; returns it."""
         if self.active:

@@ -35,20 +35,22 @@ def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("wanda", ["--sparsity", "0.5"]),  # sequential: each solve's rows shared by the ranks
-    ("sparsegpt", ["--pattern", "2:4", "--refine", "dsnot"]),  # the same, DSnoT's reports summed over ranks
-    ("sparsegpt", ["--sparsity", "0.5", "--two-pass"]),  # whole solves round-robin
+@pytest.mark.parametrize("method,extra,rows_shared", [
+    ("wanda", ["--sparsity", "0.5"], True),  # sequential: each solve's rows shared by the ranks
+    ("sparsegpt", ["--pattern", "2:4", "--refine", "dsnot"], True),  # the same, DSnoT's reports summed over ranks
+    ("sparsegpt", ["--sparsity", "0.5"], True),  # rows shared, each column block's mask chosen over all ranks' rows
+    ("sparsegpt", ["--sparsity", "0.5", "--two-pass"], False),  # whole solves round-robin
 ])
-def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra):
+def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra, rows_shared):
     model = str(sharded_model(tmp_path / "m"))
     args = ["prune", model, "--method", method, *extra, "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32",
             "--microbatch", "2", "--device", "cpu", "--format", "dense"]
     one = torchrun(1, [*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, [*args, "--out", str(tmp_path / "two"), "--json"])
+    two = torchrun(2, [*args, "--out", str(tmp_path / "two"), "--json", "--verbose"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert '"processes": 2' in two.stdout  # rank 0 alone reports
+    assert ("solved here" in two.stderr) is rows_shared  # the path taken (rank 0's debug log)
     if "dsnot" in extra:
         single = json.loads((tmp_path / "one" / "llmprune.json").read_text())["linears"]
         double = json.loads(two.stdout)["linears"]

@@ -222,6 +222,10 @@ class RefinedSolver:
     def row_separable(self, pattern: Pattern) -> bool:
         return self.base.row_separable(pattern)  # DSnoT itself works row by row
 
+    @property
+    def selects_across_rows(self) -> bool:
+        return getattr(self.base, "selects_across_rows", False)
+
     def reduce_(self, sum_) -> None:
         self.base.reduce_(sum_)
         self.stats.reduce_(sum_)
@@ -229,8 +233,10 @@ class RefinedSolver:
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         return self._refine([W], [self.base.prune(W, sparsity, pattern)], pattern)[0]
 
-    def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern) -> list[Tensor]:
-        if hasattr(self.base, "prune_many"):
+    def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None) -> list[Tensor]:
+        if select is not None:
+            pruned = self.base.prune_many(weights, sparsities, pattern, select=select)
+        elif hasattr(self.base, "prune_many"):
             pruned = self.base.prune_many(weights, sparsities, pattern)
         else:
             pruned = [self.base.prune(W, s, pattern) for W, s in zip(weights, sparsities)]

@@ -49,8 +49,12 @@ class SparseGPTSolver:
         self.tokens += x.shape[0]
         self._factor = None
 
+    # the unstructured mask of a column block is chosen over all its rows: rows can still be split (across processes)
+    # when the caller passes a `select` that chooses over every row
+    selects_across_rows = True
+
     def row_separable(self, pattern: Pattern) -> bool:
-        return pattern.structured  # the unstructured mask of a column block is chosen over all rows
+        return pattern.structured
 
     def reduce_(self, sum_) -> None:
         """Sum the statistics over distributed ranks; `sum_` all-reduces a tensor in place."""
@@ -77,17 +81,21 @@ class SparseGPTSolver:
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         return self._prune_stacked([W], [sparsity], pattern)[0]
 
-    def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern) -> list[Tensor]:
+    def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None) -> list[Tensor]:
         """Prune several weights that read this solver's input (q/k/v, gate/up) in one column loop.
 
         Rows are independent given the mask, so stacking the weights' rows gives each the result of
         pruning it alone (up to float summation order), for a single pass of the per-column loop. Masks
         are still chosen per weight.
-        """
-        return self._prune_stacked(weights, sparsities, pattern)
 
-    def _prune_stacked(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern) -> list[Tensor]:
-        if all(s == 0 for s in sparsities) and not pattern.structured:
+        select(scores, bounds, sparsities, i1, i2) -> mask chooses the unstructured mask of columns i1:i2
+        ([i2 - i1, rows] scores of the stacked weights, weight k in rows bounds[k]:bounds[k + 1]); the default
+        is `select_block`. Processes that each hold some of the rows pass one that chooses over all of them.
+        """
+        return self._prune_stacked(weights, sparsities, pattern, select)
+
+    def _prune_stacked(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None) -> list[Tensor]:
+        if all(s == 0 for s in sparsities) and not pattern.structured and select is None:
             return [W.clone() for W in weights]
         U, dead = self._inverse_factor()  # U: [in, in], upper
         # [in, out...]: a column of the weights is a contiguous row here
@@ -111,12 +119,7 @@ class SparseGPTSolver:
                 scale = torch.zeros_like(W1)
                 inv_d1 = 1.0 / d1
             else:
-                scores = W1.square() / d1.square()
-                mask = torch.empty_like(W1, dtype=torch.bool)
-                for (r1, r2), sparsity in zip(zip(bounds, bounds[1:]), sparsities):
-                    # cumulative rounding keeps each matrix at exactly round(sparsity × numel) zeros
-                    k = round(sparsity * (r2 - r1) * i2) - round(sparsity * (r2 - r1) * i1)
-                    mask[:, r1:r2] = lowest_k(scores[:, r1:r2].reshape(1, -1), k).view(b, r2 - r1)
+                mask = (select or select_block)(W1.square() / d1.square(), bounds, sparsities, i1, i2)
                 scale = mask / d1
             Err1 = torch.empty_like(W1)
             # Each column's error is spread over the rest of its sub-block with one rank-1 update, and
@@ -140,3 +143,15 @@ class SparseGPTSolver:
             if i2 < cols:
                 WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
         return [WT[:, r1:r2].T.to(W.dtype).contiguous() for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
+
+
+def select_block(scores: Tensor, bounds: list[int], sparsities: list[float], i1: int, i2: int) -> Tensor:
+    """The unstructured mask of columns i1:i2 (scores [i2 - i1, rows]): for each stacked weight (rows
+    bounds[k]:bounds[k + 1]) its lowest scores over the whole block, as many as the running count asks."""
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    b = scores.shape[0]
+    for (r1, r2), sparsity in zip(zip(bounds, bounds[1:]), sparsities):
+        # cumulative rounding keeps each matrix at exactly round(sparsity × numel) zeros
+        k = round(sparsity * (r2 - r1) * i2) - round(sparsity * (r2 - r1) * i1)
+        mask[:, r1:r2] = lowest_k(scores[:, r1:r2].reshape(1, -1), k).view(b, r2 - r1)
+    return mask
