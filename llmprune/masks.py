@@ -100,15 +100,35 @@ def select_mask(scores: Tensor, sparsity: float, pattern: Pattern, *, per_row: b
 def lowest_k(scores: Tensor, k: int) -> Tensor:
     """Mask of the k lowest scores of each row, ties taken in column order (as a stable sort would).
 
-    kthvalue plus a tie fill is linear time; a full sort of a 1536 × 576 matrix costs 7× more.
+    A k-th-value selection plus a tie fill is linear time; a full sort of a 1536 × 576 matrix costs 7× more.
+    On the CPU it runs in numpy, whose introselect and comparisons were measured 8-13× faster than torch's
+    kthvalue and several times faster than its comparisons on these sizes; elsewhere in torch. Same mask.
     """
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(_lowest_k_numpy(scores.detach().numpy(), k))
+    return _lowest_k_torch(scores, k)
+
+
+def _lowest_k_numpy(a, k: int):
+    import numpy as np
+
+    threshold = np.partition(a, k - 1, axis=1)[:, k - 1 : k]  # [rows, 1]
+    below = a < threshold
+    ties = a == threshold
+    room = k - np.count_nonzero(below, axis=1)[:, None]  # how many tied scores each row still prunes
+    if (np.count_nonzero(ties, axis=1)[:, None] == room).all():  # the usual case: no tie straddles the cut
+        return below | ties
+    return below | (ties & (np.cumsum(ties, axis=1) <= room))
+
+
+def _lowest_k_torch(scores: Tensor, k: int) -> Tensor:
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # [rows, 1]
     below = scores < threshold
     ties = scores == threshold
-    room = k - torch.count_nonzero(below, dim=1).unsqueeze(1)  # how many tied scores each row still prunes
-    if bool((torch.count_nonzero(ties, dim=1).unsqueeze(1) == room).all()):  # the usual case: no tie straddles the cut
+    room = k - torch.count_nonzero(below, dim=1).unsqueeze(1)
+    if bool((torch.count_nonzero(ties, dim=1).unsqueeze(1) == room).all()):
         return below | ties
     return below | (ties & (ties.cumsum(dim=1) <= room))
 

@@ -80,3 +80,20 @@ def test_pattern_parsing_and_implied_sparsity():
 def test_nm_needs_divisible_width():
     with pytest.raises(LlmpruneError, match="multiple of 4"):
         select_mask(torch.rand(2, 6), 0.0, Pattern(2, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 300), seed=st.integers(0, 10_000), ties=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_lowest_k_on_the_cpu_equals_the_torch_path(rows, cols, seed, ties, dtype):
+    from llmprune.masks import _lowest_k_torch, lowest_k
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 5, (rows, cols), generator=g).to(dtype) if ties else torch.randn(rows, cols, generator=g).to(dtype)
+    k = int(torch.randint(1, cols + 1, (1,), generator=g))
+    got = lowest_k(scores, k)
+    assert got.dtype == torch.bool and got.shape == scores.shape
+    assert torch.equal(got, _lowest_k_torch(scores, k))
+    assert torch.equal(got.sum(1), torch.full((rows,), k))
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # the stable sort's choice, ties in column order
+    assert torch.equal(got, torch.zeros_like(got).scatter_(1, order, True))
