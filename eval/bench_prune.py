@@ -10,6 +10,7 @@ running the `lib/` folder of the DSnoT paper's repository.
 
     python eval/bench_prune.py --text ../shared/data/wikitext2/valid.txt \
         [--reference /tmp/ref --harness ../shared/anchors/reference_harness.py] [--runs wanda:unstructured,...]
+        [--llmcompressor /tmp/lcvenv/bin/python]   # llm-compressor's oneshot beside (eval/llmcompressor_run.py)
 
 Runs are METHOD:PATTERN[@SPARSITY][+two-pass][+owl][+dsnot]; `--grid wanda,sparsegpt` gives the high-sparsity
 table of the README (each method at 50/60/70% × uniform/OWL × without/with DSnoT). Reference runs exist for
@@ -86,6 +87,10 @@ def main() -> None:
                     "50/60/70%% × {uniform, owl} × {none, dsnot} (replaces --runs)")
     ap.add_argument("--ref-dsnot-every-linear", action="store_true",
                     help="reference DSnoT on every linear (its default leaves the MLP linears to the initial method)")
+    ap.add_argument("--llmcompressor", metavar="PYTHON",
+                    help="the Python of an environment with llm-compressor (see eval/llmcompressor_run.py): adds its "
+                         "oneshot run (sequential pipeline, the same calibration tokens) beside each uniform SparseGPT or "
+                         "Wanda run without DSnoT")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -97,8 +102,16 @@ def main() -> None:
     calib, held_out = work / "calib.txt", work / "heldout.txt"
     calib.write_text("".join(lines[:cut]), encoding="utf-8")
     held_out.write_text("".join(lines[cut:]), encoding="utf-8")
-    model, _, source = models.load_model(args.model)  # warms the GGUF cache, so every timed run loads the same way
+    model, tokenizer, source = models.load_model(args.model)  # warms the GGUF cache, so every timed run loads the same way
     del model  # the timed children get the machine's memory to themselves
+    windows = work / "calib-windows.safetensors"
+    if args.llmcompressor:  # the very token windows llmprune samples, for the other tool to prune from
+        from safetensors.torch import save_file
+
+        from llmprune.data import calibration_windows
+
+        save_file({"input_ids": calibration_windows(str(calib), tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
+                                                    seed=0).contiguous()}, str(windows))
     hf_dir = str(models._gguf_cache_path(source)) if source.kind == "gguf" else source.path
 
     host = machine()  # before any run: the commit measured, not one made while the benchmark ran
@@ -145,6 +158,16 @@ def main() -> None:
             _, rss, out = run_measured(cmd)
             ref = json.loads(out.strip().splitlines()[-1])
             row.update(ref_ppl=ref["ppl"], ref_prune_s=ref["prune_s"], ref_peak_rss_mib=rss)
+        if (args.llmcompressor and method in ("sparsegpt", "wanda") and schedule != "two-pass"
+                and row["allocation"] == "uniform" and row["refine"] == "none"):
+            lc_dir = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}-{sparsity:g}"
+            _, rss, out = run_measured([args.llmcompressor, str(Path(__file__).with_name("llmcompressor_run.py")), hf_dir,
+                                        str(windows), method, pattern, str(sparsity), str(lc_dir)])
+            lc = json.loads(out.strip().splitlines()[-1])
+            _, _, out = run_measured([*exe, "eval", str(lc_dir), "--ppl", str(held_out), "--seqlen", str(args.seqlen),
+                                      "--max-windows", str(args.neval), "--json", "--device", "cpu"])
+            row.update(lc_ppl=json.loads(out)["models"][0]["ppl"], lc_prune_s=lc["prune_s"], lc_peak_rss_mib=rss,
+                       lc_sparsity=lc["sparsity"], lc_version=lc["llmcompressor"])
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -161,6 +184,10 @@ def main() -> None:
         print(f"{r['method']:<10} {r['pattern']:<13} {r['sparsity_target']:>6g} {r['allocation']:<7} {r['refine']:<6} "
               f"{r['schedule']:<10} {r['ppl']:>9.2f} {ref_ppl or '':>9} {delta:>7} "
               f"{r.get('command_s', 0):>7.1f} {r.get('prune_s', 0):>8.1f} {ref_s or '':>7} {ratio:>6} {r.get('peak_rss_mib', 0):>8.0f}")
+        if "lc_ppl" in r:
+            print(f"{'':<10} llm-compressor {r['lc_version']}: ppl {r['lc_ppl']:.2f} ({(r['ppl'] / r['lc_ppl'] - 1) * 100:+.1f}% ours), "
+                  f"prune {r['lc_prune_s']:.1f} s (ours, whole command / its prune: {r['command_s'] / r['lc_prune_s']:.2f}), "
+                  f"RSS {r['lc_peak_rss_mib']:.0f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
 
