@@ -1,6 +1,7 @@
 """What every command shares: logging, the one place that turns LlmpruneError into exit code 2, JSON output."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -53,6 +54,11 @@ def user_errors(func):
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted; nothing was written (partial output removed).") from None
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise fail(f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; nothing was "
+                       "finished (partial output removed): free some space or write --out elsewhere.") from None
 
     return wrapper
 

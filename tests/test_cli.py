@@ -155,3 +155,18 @@ def test_eval_bad_input(tmp_path, model_dir):
 def test_help_has_examples():
     result = run("prune", "--help")
     assert result.exit_code == 0 and "Examples" in result.stdout and "--pattern" in result.stdout
+
+
+def test_a_full_disk_while_saving_is_one_line(model_dir, text_file, tmp_path, monkeypatch):
+    import errno
+
+    from llmprune import checkpoint
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(checkpoint, "write_tensors", full)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run(*prune_args(model_dir, text_file, work / "out", "--method", "magnitude", "--format", "compressed"))
+    assert_user_error(result, "no space left on the device", "--out elsewhere")
+    assert not (work / "out").exists()
