@@ -187,21 +187,19 @@ class ShardSource:
                                 f"(it gave {', '.join(produced)}); prune without --stream.")
         return tensor[0] if isinstance(tensor, list) else tensor
 
-    def stored_form(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Parameters by model name -> tensors by the names the shards use (converted ones split back as stored,
-        by transformers' reverse conversion, the way save_pretrained writes them)."""
-        out = {self.key_of[name]: t for name, t in tensors.items() if name in self.key_of}
-        fused = {name: t for name, t in tensors.items() if name in self.converted}
-        if fused:
-            from transformers.core_model_loading import revert_weight_conversion
+    def unfuse(self, fused: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Converted parameters by model name -> the tensors the shards store them as (split back by transformers'
+        reverse conversion, the way save_pretrained writes them)."""
+        if not fused:
+            return {}
+        from transformers.core_model_loading import revert_weight_conversion
 
-            split = revert_weight_conversion(self.model, fused)
-            expected = {key for name in fused for key in self.stored_keys(name)}
-            if set(split) != expected:
-                raise LlmpruneError(f"{self.directory}: transformers' reverse conversion gives {sorted(set(split) - expected)[:3]} "
-                                    f"instead of the stored {sorted(expected - set(split))[:3]}; prune without --stream.")
-            out.update(split)
-        return out
+        split = revert_weight_conversion(self.model, fused)
+        expected = {key for name in fused for key in self.stored_keys(name)}
+        if set(split) != expected:
+            raise LlmpruneError(f"{self.directory}: transformers' reverse conversion gives {sorted(set(split) - expected)[:3]} "
+                                f"instead of the stored {sorted(expected - set(split))[:3]}; prune without --stream.")
+        return split
 
     @staticmethod
     def release(module: nn.Module, names: list[str] | None = None) -> None:
@@ -441,7 +439,7 @@ class PartialRun(BlockStore):
                     entries = [(source.key_of.get(name, name), *source.header(handle, name),
                                 lambda name=name: handle.get_tensor(name)) for name in names if name not in source.converted]
                     # fused parameters go back to the stored per-expert tensors (one block's worth in memory)
-                    split = source.stored_form({name: handle.get_tensor(name) for name in names if name in source.converted})
+                    split = source.unfuse({name: handle.get_tensor(name) for name in names if name in source.converted})
                     entries += [(key, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()) for key, t in split.items()]
                     checkpoint.write_tensors(tmp / shard, entries, {"format": "pt"})
                     del split
