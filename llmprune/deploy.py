@@ -1,8 +1,8 @@
 """SparseLinear and sparsify(model): pruned linears held only in their compressed form, run by our kernels.
 
-On a CUDA GPU with CuPy, float16/bfloat16 decode steps (at most 16 tokens) go through the bitmask or 2:4
-GEMV kernels (kernels.py); anything else (the CPU, float32, longer prefills) expands the weight for the
-one call and uses torch's dense product, and says once why.
+On a CUDA GPU of compute capability 8.0 or newer, with CuPy, float16/bfloat16 inputs go through the 2:4 or
+bitmask kernels (kernels.py: decode up to 16 tokens, tiled GEMM beyond); anything else (the CPU, float32,
+older GPUs) expands the weight for the one call and uses torch's dense product, and says once why.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _warned: set[str] = set()
 
 
 class SparseLinear(nn.Module):
-    """A linear layer whose weight lives only as compressed buffers (bitmask or 2:4 layout)."""
+    """A linear layer whose weight lives only as compressed tiles (bitmask or 2:4 layout of kernels.py)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, layout: str):
         super().__init__()
@@ -27,17 +27,15 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear takes a 2-D weight; got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.layout = layout
-        mask = weight != 0
         if layout == formats.SPARSE24:
-            parts = formats.compress_24(weight)
-            keep = formats.unpack_bits(parts["bitmask"], self.in_features)
-            self.register_buffer("values", parts["compressed"].contiguous())
-            self.register_buffer("meta", kernels.pack_24_meta(keep))
+            values, meta = kernels.pack_24_tiles(weight)
+            self.register_buffer("values", values)
+            self.register_buffer("meta", meta)
         elif layout == formats.BITMASK:
-            parts = formats.compress_bitmask(weight)
-            self.register_buffer("values", parts["compressed"].contiguous())
-            self.register_buffer("row_start", kernels.row_starts(mask))
-            self.register_buffer("words", kernels.pack_words(parts["bitmask"], self.in_features))
+            values, offsets, masks = kernels.pack_bitmask_tiles(weight)
+            self.register_buffer("values", values)
+            self.register_buffer("offsets", offsets)
+            self.register_buffer("masks", masks)
         else:
             raise ValueError(f"unknown layout {layout}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -52,21 +50,17 @@ class SparseLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def dense_weight(self) -> Tensor:
-        """The weight as [out, in], expanded from the compressed buffers."""
+        """The weight as [out, in], expanded from the compressed tiles."""
         if self.layout == formats.SPARSE24:
-            mask = kernels.unpack_24_meta(self.meta, self.in_features)
-        else:
-            mask = kernels.unpack_words(self.words, self.in_features)
-        W = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        W[mask] = self.values.reshape(-1)
-        return W
+            return kernels.unpack_24_tiles(self.values, self.meta, self.out_features, self.in_features)
+        return kernels.unpack_bitmask_tiles(self.values, self.offsets, self.masks, self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         reason = self._kernel_refusal(x)
         if reason is None and self.layout == formats.SPARSE24:
-            y = kernels.sparse24_gemv(self.values, self.meta, x, self.in_features)
+            y = kernels.sparse24_matmul(self.values, self.meta, x, self.out_features, self.in_features)
         elif reason is None:
-            y = kernels.bitmask_gemv(self.values, self.row_start, self.words, x, self.in_features)
+            y = kernels.bitmask_matmul(self.values, self.offsets, self.masks, x, self.out_features, self.in_features)
         else:
             if reason not in _warned:
                 _warned.add(reason)
@@ -75,17 +69,11 @@ class SparseLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _kernel_refusal(self, x: Tensor) -> str | None:
-        if x.device.type != "cuda":
-            return "the kernels need a CUDA GPU"
-        if x.dtype not in (torch.float16, torch.bfloat16):
+        if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
             return f"the kernels take float16 or bfloat16, not {x.dtype}"
-        if x.numel() // self.in_features > kernels.MAX_DECODE_TOKENS:
-            return f"more than {kernels.MAX_DECODE_TOKENS} tokens per call (prefill) has no sparse GEMM kernel yet"
-        try:
-            import cupy  # noqa: F401
-        except ImportError:
-            return "CuPy is not installed (pip install 'llmprune[cuda]')"
-        return None
+        if x.dtype != self.values.dtype:
+            return f"input dtype {x.dtype} differs from the weight's {self.values.dtype}"
+        return kernels.capability_refusal(x.device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}"

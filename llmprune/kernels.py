@@ -1,17 +1,18 @@
-"""CUDA kernels for compressed weights: run-time compilation with CuPy, launch on torch tensors, and the
-kernels' layouts and arithmetic in plain torch (the CPU reference the tests check them against).
+"""CUDA kernels for pruned weights: their tile layouts, packed in torch, the same arithmetic in torch (the CPU
+reference the tests hold them to), run-time compilation with CuPy, and launch on torch tensors.
 
-Layouts, packed once at load from the checkpoint's compressed-tensors parts (see formats.py):
-- bitmask: kept values row-major (`values`), `row_start` int32 [rows] (index of each row's first value),
-  `words` int32 [rows, ceil(cols / 32)]: bit t of words[o, w] flags input 32·w + t of row o as kept.
-- 2:4: `values` [rows, cols / 2] (two per group of four inputs), `meta` int32 [rows, ceil(cols / 32)]:
-  group g of row o has a 4-bit code in bits 4·(g mod 8) of meta[o, g / 8]: the first kept position
-  in the low 2 bits, the second in the high 2.
+Both layouts cut a weight [rows, cols] into tiles of 16 rows x 32 inputs (zero-padded at the edges) and store
+each tile in the order the tensor cores take it, so a warp reads a tile with coalesced loads and no shuffles:
+- 2:4 (`pack_24_tiles`): per tile and lane, 8 kept values (16 bytes: the lane's mma.sp operand-A registers)
+  and, for lanes 4g + t with t < 2, one metadata word: 9 bits per weight in 16-bit types.
+- bitmask (`pack_bitmask_tiles`): per tile and lane a 16-bit mask of its 16 weights, the tile's kept values
+  lane by lane (padded to 16 bytes), and the tile's offset: any sparsity, the kept values plus ~1.2 bits.
 Kernels know nothing of models.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,9 +22,11 @@ from torch import Tensor
 
 from llmprune.errors import LlmpruneError
 
-SOURCES = ("bitmask_gemv.cu", "sparse24_gemv.cu")
-MAX_DECODE_TOKENS = 16  # the GEMV kernels keep one accumulator per token in registers
-_BIT = 1 << torch.arange(32, dtype=torch.int64)
+log = logging.getLogger(__name__)
+SOURCES = ("sparse24_mma.cu", "bitmask_mma.cu")
+TILE_ROWS, TILE_COLS = 16, 32
+DECODE_TOKENS = 16  # up to here the decode kernels (tokens in registers); beyond, the tiled GEMM
+MIN_CAPABILITY = (8, 0)  # mma.sp and mma.sync m16n8k16 for bf16 need Ampere or newer
 
 
 def source_dir() -> Path:
@@ -39,63 +42,115 @@ def source_dir() -> Path:
 # ---- packing (CPU or GPU, pure torch) ---------------------------------------------------------------------
 
 
-def pack_words(bitmask: Tensor, cols: int) -> Tensor:
-    """uint8 [rows, ceil(cols / 8)] little-endian bitmask → int32 words [rows, ceil(cols / 32)]."""
-    rows = bitmask.shape[0]
-    nwords = -(-cols // 32)
-    padded = torch.zeros(rows, nwords * 4, dtype=torch.int64, device=bitmask.device)
-    padded[:, : bitmask.shape[1]] = bitmask.to(torch.int64)
-    quads = padded.view(rows, nwords, 4)
-    words = quads[..., 0] | (quads[..., 1] << 8) | (quads[..., 2] << 16) | (quads[..., 3] << 24)
-    return _as_int32(words)
+def tile_counts(rows: int, cols: int) -> tuple[int, int]:
+    return -(-rows // TILE_ROWS), -(-cols // TILE_COLS)
 
 
-def unpack_words(words: Tensor, cols: int) -> Tensor:
-    """int32 words [rows, ceil(cols / 32)] → bool [rows, cols]."""
-    bits = (words.to(torch.int64).unsqueeze(-1) & _BIT.to(words.device)) != 0
-    return bits.reshape(words.shape[0], -1)[:, :cols]
+def _padded(W: Tensor) -> Tensor:
+    m_tiles, k_tiles = tile_counts(*W.shape)
+    if W.shape == (m_tiles * TILE_ROWS, k_tiles * TILE_COLS):
+        return W
+    out = W.new_zeros(m_tiles * TILE_ROWS, k_tiles * TILE_COLS)
+    out[: W.shape[0], : W.shape[1]] = W
+    return out
 
 
-def row_starts(mask: Tensor) -> Tensor:
-    """Index of each row's first kept value in the row-major values: int32 [rows]."""
-    counts = mask.sum(dim=1)
-    starts = torch.cumsum(counts, 0) - counts
-    if int(counts.sum()) >= 2**31:
-        raise LlmpruneError("a bitmask weight holds 2^31 or more kept values; too large for the kernel's int32 indices.")
-    return starts.to(torch.int32)
+def pack_24_tiles(W: Tensor, *, meta_layout: str = "khalf") -> tuple[Tensor, Tensor]:
+    """W [rows, cols] with at most 2 non-zeros in every group of 4 inputs → (values [m_tiles, k_tiles, 32, 8] in
+    W's dtype, meta int32 [m_tiles, k_tiles, 16]).
 
-
-def pack_24_meta(mask: Tensor) -> Tensor:
-    """bool [rows, cols] with exactly two kept per group of 4 → int32 meta [rows, ceil(cols / 32)]."""
-    rows, cols = mask.shape
+    Lane 4g + t's register r holds the two kept values (lower position first) of row g + 8·(r % 2), group
+    t + 4·(r // 2) of the tile (the PTX ISA's operand-A layout of sparse mma.m16n8k32). Its metadata word
+    (t < 2) holds 4 bits per group, first position in the low 2: with meta_layout "khalf", groups 4t .. 4t + 3
+    of row g in bits 0-15 and of row g + 8 in bits 16-31; with "row", all 8 groups of row g + 8t.
+    """
+    rows, cols = W.shape
     if cols % 4:
         raise ValueError(f"2:4 needs a multiple of 4 inputs; got {cols}")
-    groups = mask.view(rows, cols // 4, 4)
-    if not bool((groups.sum(-1) == 2).all()):
-        raise ValueError("every group of 4 must keep exactly two values (the sparse-24-bitmask layout)")
-    position = torch.arange(4, device=mask.device).expand_as(groups)
-    first = torch.where(groups, position, 4).amin(-1)
-    second = torch.where(groups, position, -1).amax(-1)
-    codes = (first | (second << 2)).to(torch.int64)  # [rows, groups]
-    ngroups = cols // 4
-    padded = torch.zeros(rows, -(-ngroups // 8) * 8, dtype=torch.int64, device=mask.device)
-    padded[:, :ngroups] = codes
-    shifts = 4 * torch.arange(8, device=mask.device, dtype=torch.int64)
-    words = (padded.view(rows, -1, 8) << shifts).sum(-1)
-    return _as_int32(words)
+    m_tiles, k_tiles = tile_counts(rows, cols)
+    groups = _padded(W).view(m_tiles * TILE_ROWS, k_tiles * 8, 4)
+    nonzero = groups != 0
+    if bool((nonzero.sum(-1) > 2).any()):
+        raise ValueError("a group of 4 inputs has more than two non-zeros: not a 2:4 weight")
+    position = torch.arange(4, device=W.device)
+    # Keep the non-zeros, and fill a group's two slots with its first zero positions where it has fewer.
+    first_two = torch.argsort((~nonzero).to(torch.int64) * 4 + position, dim=-1)[..., :2].sort(-1).values
+    kept = torch.gather(groups, -1, first_two)  # [rows, groups, 2]
+    values = (kept.view(m_tiles, 2, 8, k_tiles, 2, 4, 2)  # tile row 8·rlo + g, group 4·rhi + t, slot j
+              .permute(0, 3, 2, 5, 4, 1, 6)  # → [mt, kt, g, t, rhi, rlo, j]
+              .reshape(m_tiles, k_tiles, 32, 8).contiguous())
+    codes = (first_two[..., 0] | (first_two[..., 1] << 2)).view(m_tiles, 2, 8, k_tiles, 2, 4)  # [mt, rlo, g, kt, half, c]
+    if meta_layout == "khalf":
+        codes = codes.permute(0, 3, 2, 4, 1, 5)  # word (g, half): row part rlo at bit 16·rlo, group c at 4·c
+    elif meta_layout == "row":
+        codes = codes.permute(0, 3, 2, 1, 4, 5)  # word (g, rlo): groups half·4 + c at 4·(4·half + c)
+    else:
+        raise ValueError(f"unknown meta_layout {meta_layout!r}")
+    shifts = 4 * torch.arange(8, device=W.device, dtype=torch.int64)
+    words = (codes.reshape(m_tiles, k_tiles, 16, 8) << shifts).sum(-1)
+    return values, _as_int32(words)
 
 
-def unpack_24_meta(meta: Tensor, cols: int) -> Tensor:
-    """int32 meta → bool [rows, cols] mask of the kept positions."""
-    rows = meta.shape[0]
-    ngroups = cols // 4
+def unpack_24_tiles(values: Tensor, meta: Tensor, rows: int, cols: int, *, meta_layout: str = "khalf") -> Tensor:
+    """The dense [rows, cols] weight of pack_24_tiles' output."""
+    m_tiles, k_tiles = values.shape[:2]
+    kept = values.view(m_tiles, k_tiles, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6)  # → [mt, rlo, g, kt, rhi, t, j]
+    kept = kept.reshape(m_tiles * TILE_ROWS, k_tiles * 8, 2)
     shifts = 4 * torch.arange(8, device=meta.device, dtype=torch.int64)
-    codes = ((meta.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
-    codes = codes.reshape(rows, -1)[:, :ngroups]
-    mask = torch.zeros(rows, ngroups, 4, dtype=torch.bool, device=meta.device)
-    mask.scatter_(-1, (codes & 3).unsqueeze(-1), True)
-    mask.scatter_(-1, (codes >> 2).unsqueeze(-1), True)
-    return mask.view(rows, cols)
+    codes = ((meta.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF  # [mt, kt, 16, 8]
+    codes = codes.view(m_tiles, k_tiles, 8, 2, 2, 4)
+    if meta_layout == "khalf":
+        codes = codes.permute(0, 4, 2, 1, 3, 5)  # [mt, kt, g, half, rlo, c] → [mt, rlo, g, kt, half, c]
+    else:
+        codes = codes.permute(0, 3, 2, 1, 4, 5)  # [mt, kt, g, rlo, half, c] → [mt, rlo, g, kt, half, c]
+    codes = codes.reshape(m_tiles * TILE_ROWS, k_tiles * 8)
+    dense = values.new_zeros(m_tiles * TILE_ROWS, k_tiles * 8, 4)
+    dense.scatter_(-1, (codes & 3).unsqueeze(-1), kept[..., :1])
+    dense.scatter_(-1, (codes >> 2).unsqueeze(-1), kept[..., 1:])
+    return dense.view(m_tiles * TILE_ROWS, k_tiles * TILE_COLS)[:rows, :cols]
+
+
+def pack_bitmask_tiles(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """W [rows, cols], any sparsity → (values [8·chunks] in W's dtype, offsets int32 [tiles + 1] in units of 8
+    values, masks int16 [m_tiles, k_tiles, 32]).
+
+    Lane 4g + t's 16 weights of a tile are element e = 8·s + 2·r + h: operand-A register r, half h, of the
+    16-input step s (the PTX ISA's layout of mma.m16n8k16): row g + 8·(r % 2), input 16·s + 8·(r // 2) + 2t + h.
+    """
+    rows, cols = W.shape
+    m_tiles, k_tiles = tile_counts(rows, cols)
+    tiles = m_tiles * k_tiles
+    lanes = (_padded(W).view(m_tiles, 2, 8, k_tiles, 2, 2, 4, 2)  # row 8·rlo + g; input 16·s + 8·rhi + 2t + h
+             .permute(0, 3, 2, 6, 4, 5, 1, 7)  # → [mt, kt, g, t, s, rhi, rlo, h]: e = 8s + 4rhi + 2rlo + h
+             .reshape(tiles, 32 * 16))
+    keep = lanes != 0
+    bits = 1 << torch.arange(16, device=W.device, dtype=torch.int64)
+    masks = (keep.view(tiles, 32, 16).to(torch.int64) * bits).sum(-1)
+    chunks = (keep.sum(1) + 7) // 8
+    offsets = torch.zeros(tiles + 1, dtype=torch.int64, device=W.device)
+    offsets[1:] = torch.cumsum(chunks, 0)
+    if int(offsets[-1]) >= 2**31:
+        raise LlmpruneError("a bitmask weight this large overflows the kernel's 32-bit tile offsets; split the layer.")
+    slot = offsets[:-1, None] * 8 + torch.cumsum(keep, 1) - 1
+    values = W.new_zeros(int(offsets[-1]) * 8)
+    values[slot[keep]] = lanes[keep]
+    masks = torch.where(masks >= 2**15, masks - 2**16, masks).to(torch.int16)
+    return values, offsets.to(torch.int32), masks.view(m_tiles, k_tiles, 32)
+
+
+def unpack_bitmask_tiles(values: Tensor, offsets: Tensor, masks: Tensor, rows: int, cols: int) -> Tensor:
+    """The dense [rows, cols] weight of pack_bitmask_tiles' output."""
+    m_tiles, k_tiles = masks.shape[:2]
+    tiles = m_tiles * k_tiles
+    bits = 1 << torch.arange(16, device=masks.device, dtype=torch.int64)
+    keep = ((masks.to(torch.int64).view(tiles, 32, 1) & bits) != 0).view(tiles, 512)
+    slot = offsets[:-1].to(torch.int64)[:, None] * 8 + torch.cumsum(keep, 1) - 1
+    lanes = values.new_zeros(tiles, 512)
+    lanes[keep] = values[slot[keep]]
+    dense = (lanes.view(m_tiles, k_tiles, 8, 4, 2, 2, 2, 2)
+             .permute(0, 6, 2, 1, 4, 5, 3, 7)  # [mt, kt, g, t, s, rhi, rlo, h] → [mt, rlo, g, kt, s, rhi, t, h]
+             .reshape(m_tiles * TILE_ROWS, k_tiles * TILE_COLS))
+    return dense[:rows, :cols]
 
 
 def _as_int32(words: Tensor) -> Tensor:
@@ -103,29 +158,16 @@ def _as_int32(words: Tensor) -> Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-# ---- the kernels' arithmetic in torch (CPU reference) ------------------------------------------------------
+def reference_sparse24(values: Tensor, meta: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
+    """y = x Wᵀ from the 2:4 tiles, float32 sums: what the 2:4 kernels compute."""
+    W = unpack_24_tiles(values, meta, rows, cols)
+    return (x.float() @ W.float().T).to(x.dtype)
 
 
-def reference_bitmask_gemv(values: Tensor, row_start: Tensor, words: Tensor, x: Tensor, cols: int) -> Tensor:
-    """y = x Wᵀ as the bitmask kernel computes it: each kept bit t of word w of row o takes the value at
-    row_start[o] + (kept bits in the row's earlier words) + (kept bits below t in word w). Float32 sums."""
-    bits = unpack_words(words, words.shape[1] * 32).view(words.shape[0], words.shape[1], 32)
-    per_word = bits.sum(-1)
-    before_word = torch.cumsum(per_word, 1) - per_word  # the warp's prefix sum over words
-    rank = torch.cumsum(bits.to(torch.int64), -1) - 1  # kept bits below t in the word
-    index = row_start.to(torch.int64)[:, None, None] + before_word[:, :, None] + rank
-    W = torch.zeros(bits.shape, dtype=torch.float32, device=values.device)
-    W[bits] = values.float()[index[bits]]
-    return (x.float() @ W.reshape(words.shape[0], -1)[:, :cols].T).to(x.dtype)
-
-
-def reference_sparse24_gemv(values: Tensor, meta: Tensor, x: Tensor, cols: int) -> Tensor:
-    """y = x Wᵀ as the 2:4 kernel computes it: value 2g goes to the code's first position in group g, 2g + 1 to
-    its second. Float32 sums."""
-    mask = unpack_24_meta(meta, cols)
-    W = torch.zeros(mask.shape, dtype=torch.float32, device=values.device)
-    W[mask] = values.float().reshape(-1)
-    return (x.float() @ W.T).to(x.dtype)
+def reference_bitmask(values: Tensor, offsets: Tensor, masks: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
+    """y = x Wᵀ from the bitmask tiles, float32 sums: what the bitmask kernels compute."""
+    W = unpack_bitmask_tiles(values, offsets, masks, rows, cols)
+    return (x.float() @ W.float().T).to(x.dtype)
 
 
 # ---- compilation and launch (CUDA, CuPy) -------------------------------------------------------------------
@@ -153,72 +195,99 @@ def _cupy():
 
 
 @functools.lru_cache(maxsize=None)
-def _module(source: str, device_index: int):
+def _function(source: str, name: str, device_index: int):
+    """The compiled kernel `name` of `source` for this GPU (NVRTC; nvcc where NVRTC lacks the CUDA headers)."""
     cupy = _cupy()
-    device = cupy.cuda.Device(device_index)
-    with device:
+    with cupy.cuda.Device(device_index) as device:
         code = (source_dir() / source).read_text()
-        return cupy.RawModule(code=code, options=("-std=c++17", f"--gpu-architecture=sm_{device.compute_capability}",
-                                                  f"-I{source_dir()}"))
+        options = ("-std=c++17", f"--gpu-architecture=sm_{device.compute_capability}", f"-I{source_dir()}")
+        try:
+            return cupy.RawModule(code=code, options=options).get_function(name)
+        except cupy.cuda.compiler.CompileException:
+            if shutil.which("nvcc") is None:
+                raise
+            log.info("NVRTC could not compile %s; compiling with nvcc", source)
+            return cupy.RawModule(code=code, options=options, backend="nvcc").get_function(name)
 
 
-def _launch(source: str, name: str, grid: int, block: int, args: tuple, device: torch.device) -> None:
-    """Launch on torch's current stream; tensors go over as zero-copy DLPack views of their raw bits."""
+def _launch(source: str, name: str, grid: tuple, block: int, args: tuple, device: torch.device) -> None:
+    """Launch on torch's current stream. Tensors go over as raw device pointers (no DLPack, no sync), so a launch
+    can be captured in a CUDA graph."""
+    import numpy as np
+
     cupy = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    function = _module(source, index).get_function(name)
-    converted = []
-    for arg in args:
-        if isinstance(arg, Tensor):  # CuPy has no bfloat16: hand over the 16-bit patterns
-            arg = arg.detach()
-            converted.append(cupy.from_dlpack(arg.view(torch.int16) if arg.element_size() == 2 and arg.is_floating_point() else arg))
-        else:
-            converted.append(arg)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-    with cupy.cuda.Device(index):
-        function((grid,), (block,), tuple(converted), stream=stream)
+    function = _function(source, name, index)
+    raw = tuple(np.uint64(a.data_ptr()) if isinstance(a, Tensor) else np.int32(a) for a in args)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index):
+        function(grid, (block,), raw)
 
 
 _KIND = {torch.float16: "f16", torch.bfloat16: "bf16"}
-WARPS_PER_BLOCK = 4
+_THREADS = 256
+_GEMM_TILE = 128
 
 
-def _decode_checks(x: Tensor, values: Tensor, cols: int) -> tuple[Tensor, str, int]:
+def _tokens(x: Tensor, values: Tensor, cols: int) -> Tensor:
+    """x as [tokens, stride]: contiguous, 16-byte aligned, stride = cols rounded up to 8 (zero-padded)."""
     if x.dtype not in _KIND or values.dtype != x.dtype:
         raise LlmpruneError(f"the sparse kernels take float16 or bfloat16 inputs and weights of the same dtype; "
                             f"got {x.dtype} and {values.dtype}.")
     if x.shape[-1] != cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight {cols}")
-    x2 = x.reshape(-1, cols).contiguous()
-    if x2.shape[0] > MAX_DECODE_TOKENS:
-        raise ValueError(f"the decode kernels take at most {MAX_DECODE_TOKENS} tokens; got {x2.shape[0]}")
-    variant = "b4" if x2.shape[0] <= 4 else "b16"
-    return x2, f"{_KIND[x.dtype]}_{variant}", x2.shape[0]
+    x2 = x.reshape(-1, cols)
+    if cols % 8:
+        x2 = torch.nn.functional.pad(x2, (0, 8 - cols % 8))
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
+    return x2
 
 
-def bitmask_gemv(values: Tensor, row_start: Tensor, words: Tensor, x: Tensor, cols: int) -> Tensor:
-    """y = x Wᵀ for at most 16 tokens, W in the bitmask layout, on the GPU."""
-    x2, kind, batch = _decode_checks(x, values, cols)
-    rows = row_start.shape[0]
-    y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    grid = -(-rows // WARPS_PER_BLOCK)
-    args = (values, row_start, words, x2, y, _i32(rows), _i32(cols), _i32(words.shape[1]), _i32(batch))
-    _launch("bitmask_gemv.cu", f"bitmask_gemv_{kind}", grid, 32 * WARPS_PER_BLOCK, args, x.device)
+def sparse24_matmul(values: Tensor, meta: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
+    """y = x Wᵀ on the GPU, W in the 2:4 tiles of pack_24_tiles; decode kernel up to 16 tokens, GEMM beyond."""
+    x2 = _tokens(x, values, cols)
+    m_tiles, k_tiles = values.shape[:2]
+    tokens = x2.shape[0]
+    y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
+    if tokens:
+        kind = _KIND[x.dtype]
+        if tokens <= DECODE_TOKENS:
+            _launch("sparse24_mma.cu", f"sparse24_decode_{kind}_n{1 if tokens <= 8 else 2}", (m_tiles,), _THREADS,
+                    (values, meta, x2, y, rows, k_tiles, x2.shape[1], tokens), x.device)
+        else:
+            grid = (-(-tokens // _GEMM_TILE), -(-m_tiles * TILE_ROWS // _GEMM_TILE))
+            _launch("sparse24_mma.cu", f"sparse24_gemm_{kind}", grid, _THREADS,
+                    (values, meta, x2, y, rows, m_tiles, k_tiles, x2.shape[1], tokens), x.device)
     return y.view(*x.shape[:-1], rows)
 
 
-def sparse24_gemv(values: Tensor, meta: Tensor, x: Tensor, cols: int) -> Tensor:
-    """y = x Wᵀ for at most 16 tokens, W in the 2:4 layout, on the GPU."""
-    x2, kind, batch = _decode_checks(x, values, cols)
-    rows = values.shape[0]
-    y = torch.empty(batch, rows, dtype=x.dtype, device=x.device)
-    grid = -(-rows // WARPS_PER_BLOCK)
-    args = (values, meta, x2, y, _i32(rows), _i32(cols), _i32(batch))
-    _launch("sparse24_gemv.cu", f"sparse24_gemv_{kind}", grid, 32 * WARPS_PER_BLOCK, args, x.device)
+def bitmask_matmul(values: Tensor, offsets: Tensor, masks: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
+    """y = x Wᵀ on the GPU, W in the bitmask tiles of pack_bitmask_tiles; decode kernel up to 16 tokens, GEMM beyond."""
+    x2 = _tokens(x, values, cols)
+    m_tiles, k_tiles = masks.shape[:2]
+    tokens = x2.shape[0]
+    y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
+    if tokens:
+        kind = _KIND[x.dtype]
+        if tokens <= DECODE_TOKENS:
+            _launch("bitmask_mma.cu", f"bitmask_decode_{kind}_n{1 if tokens <= 8 else 2}", (m_tiles,), _THREADS,
+                    (values, offsets, masks, x2, y, rows, k_tiles, x2.shape[1], tokens), x.device)
+        else:
+            grid = (-(-tokens // _GEMM_TILE), -(-m_tiles * TILE_ROWS // _GEMM_TILE))
+            _launch("bitmask_mma.cu", f"bitmask_gemm_{kind}", grid, _THREADS,
+                    (values, offsets, masks, x2, y, rows, m_tiles, k_tiles, x2.shape[1], tokens), x.device)
     return y.view(*x.shape[:-1], rows)
 
 
-def _i32(value: int):
-    import numpy as np
-
-    return np.int32(value)
+def capability_refusal(device: torch.device) -> str | None:
+    """Why the kernels cannot run on `device` (None when they can)."""
+    if device.type != "cuda":
+        return "the kernels need a CUDA GPU"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return f"the kernels need compute capability 8.0 or newer (this GPU has {capability[0]}.{capability[1]})"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install 'llmprune[cuda]')"
+    return None

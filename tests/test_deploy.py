@@ -78,3 +78,30 @@ def test_bench_without_a_gpu_is_a_clear_error(tmp_path):
 
     result = CliRunner().invoke(app, ["bench", str(tmp_path)])
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def _gpu_ready():
+    from llmprune import kernels
+
+    return torch.cuda.is_available() and kernels.capability_refusal(torch.device("cuda")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU of compute capability 8.0+ and CuPy (pip install 'llmprune[cuda]')")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern,layout", [(Pattern(2, 4), formats.SPARSE24), (Pattern(), formats.BITMASK)])
+def test_sparsified_model_on_the_gpu_runs_the_kernels(dtype, pattern, layout, caplog):
+    model = tiny_model("llama")
+    calibrate.prune_model(model, None, method="magnitude", sparsity=0.5 if pattern.structured else 0.6, pattern=pattern)
+    model = model.to("cuda", dtype).eval()
+    ids = windows(2, 40).cuda()  # 80 tokens: the prefill GEMM; generate()'s steps: the decode kernels
+    expected = model(ids).logits.float()
+    deploy._warned.clear()
+    report = deploy.sparsify(model)
+    assert report["swapped"] > 0 and all(m.values.is_cuda for m in model.modules() if isinstance(m, deploy.SparseLinear))
+    with caplog.at_level(logging.WARNING, logger="llmprune.deploy"):
+        got = model(ids).logits.float()
+        out = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert not [r for r in caplog.records if "not used" in r.message]
+    assert float((got - expected).norm() / expected.norm()) < (5e-3 if dtype == torch.float16 else 3e-2)
+    assert out.shape == (1, 9)
