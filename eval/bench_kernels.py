@@ -25,6 +25,10 @@ LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
 
 def git_hash() -> str:
+    import os
+
+    if os.environ.get("LLMPRUNE_COMMIT"):  # a copy of the tree without its history (the device machine)
+        return os.environ["LLMPRUNE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -106,10 +110,11 @@ def main() -> None:
             for row in bench.shape_rows(W, fmt, tokens=tokens, repeats=args.repeats):
                 result["kernels"].append(row)
                 semi = f"{row['torch_semi_s'] * 1e6:8.1f}" if row["torch_semi_s"] else "       —"
+                extra = "".join(f"  {k[5:-2]} {row[k] * 1e6:.1f} us" for k in ("ours_mma_s", "ours_expand_s") if k in row)
                 print(f"{rows:>5}x{cols:<5} {spec:<12} {row['tokens']:>5} tok  dense {row['dense_s'] * 1e6:8.1f} us"
                       f"  ours {row['ours_s'] * 1e6:8.1f} us  torch2:4 {semi} us  x{row['speedup']:.2f}"
                       f"  ours {row['ours_gbs']:6.0f} GB/s {row['ours_tflops']:6.1f} TF/s  err {row['rel_err']:.1e}"
-                      f"  ({row['timing']})", flush=True)
+                      f"  ({row['timing']}){extra}", flush=True)
             print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     for spec in filter(None, args.decode_layouts.split(",")):

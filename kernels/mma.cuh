@@ -17,7 +17,7 @@ template <typename T> __device__ __forceinline__ void mma_16816(float (&d)[4], u
 #define LLMPRUNE_MMA_SP(T, PTXTYPE)                                                                                        \
     template <> __device__ __forceinline__ void mma_sp_16832<T>(float (&d)[4], const uint4& a, const unsigned (&b)[4],    \
                                                                 unsigned e) {                                             \
-        asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32." PTXTYPE "." PTXTYPE ".f32 "                              \
+        asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." PTXTYPE "." PTXTYPE ".f32 "                              \
                      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"              \
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                     \
                      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));      \

@@ -9,7 +9,7 @@
 #include "mma.cuh"
 
 // Decode: one block per 16-row tile; its warps take the 32-input steps round robin and sum at the end.
-template <typename T, int NT, int WARPS>
+template <typename T, int NT, int WARPS, int U>
 __device__ void sparse24_decode(const uint4* __restrict__ values, const unsigned* __restrict__ meta,
                                 const T* __restrict__ x, T* __restrict__ y, int rows, int k_tiles, int stride,
                                 int batch) {
@@ -33,8 +33,7 @@ __device__ void sparse24_decode(const uint4* __restrict__ values, const unsigned
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 
-    constexpr int U = 4;  // steps in flight per warp: their loads are issued before the first mma
-    for (int kt0 = warp; kt0 < k_tiles; kt0 += U * WARPS) {
+    for (int kt0 = warp; kt0 < k_tiles; kt0 += U * WARPS) {  // U steps in flight: all loads before the first mma
         uint4 a[U];
         unsigned e[U], b[U][NT][4];
 #pragma unroll
@@ -81,16 +80,23 @@ __device__ void sparse24_gemm(const uint4* __restrict__ values, const unsigned* 
         if (s < k_tiles) load_stage<T>(stages[s], x, tokens, stride, n0, s);
         cp_async_commit();
     }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        uint4 a[2];
-        unsigned e[2];
+    // Operand A of the next step is loaded a step ahead, so its latency hides behind this step's mma.
+    uint4 a[2], a_next[2];
+    unsigned e[2], e_next[2];
+    auto load_a = [&](uint4 (&av)[2], unsigned (&ev)[2], int kt) {
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
-            if (mt0 + mi < m_tiles) {
+            if (mt0 + mi < m_tiles && kt < k_tiles) {
                 const size_t tile = (size_t)(mt0 + mi) * k_tiles + kt;
-                a[mi] = __ldg(values + tile * 32 + lane);
-                e[mi] = __ldg(meta + tile * 16 + 2 * g + (t & 1));
+                av[mi] = __ldg(values + tile * 32 + lane);
+                ev[mi] = __ldg(meta + tile * 16 + 2 * g + (t & 1));
             }
+    };
+    load_a(a_next, e_next, 0);
+    for (int kt = 0; kt < k_tiles; ++kt) {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) a[mi] = a_next[mi], e[mi] = e_next[mi];
+        load_a(a_next, e_next, kt + 1);
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         const int next = kt + STAGES - 1;
@@ -109,11 +115,43 @@ __device__ void sparse24_gemm(const uint4* __restrict__ values, const unsigned* 
     store_tile<T>(acc, y, rows, tokens, row0, n0 + wn * 64, lane);
 }
 
+// The dense weight [m_tiles * 16, k_tiles * 32] of the tiles, one warp per tile: for prefill through cuBLAS.
+// Each lane writes its four groups of four (two kept values, two zeros) as 8-byte stores.
+__device__ void sparse24_expand(const uint4* __restrict__ values, const unsigned* __restrict__ meta,
+                                unsigned short* __restrict__ dense, int tiles, int k_tiles) {
+    const int lane = threadIdx.x & 31;
+    const int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (tile >= tiles) return;
+    const int g = lane >> 2, t = lane & 3, mt = tile / k_tiles, kt = tile % k_tiles;
+    const uint4 v = values[(size_t)tile * 32 + lane];
+    const unsigned words[2] = {meta[(size_t)tile * 16 + 2 * g], meta[(size_t)tile * 16 + 2 * g + 1]};
+    const unsigned regs[4] = {v.x, v.y, v.z, v.w};
+    const size_t stride = (size_t)k_tiles * 32;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int row = 16 * mt + g + 8 * (r & 1), group = t + 4 * (r >> 1);
+        const unsigned code = (words[r >> 1] >> (16 * (r & 1) + 4 * t)) & 0xfu;
+        unsigned out[4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+            out[p] = p == (int)(code & 3u) ? (regs[r] & 0xffffu) : (p == (int)(code >> 2) ? regs[r] >> 16 : 0u);
+        uint2 packed;
+        packed.x = out[0] | (out[1] << 16);
+        packed.y = out[2] | (out[3] << 16);
+        *reinterpret_cast<uint2*>(dense + row * stride + (size_t)kt * 32 + 4 * group) = packed;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) sparse24_expand_tiles(const uint4* values, const unsigned* meta,
+                                                                        unsigned short* dense, int tiles, int k_tiles) {
+    sparse24_expand(values, meta, dense, tiles, k_tiles);
+}
+
 #define DECODE(NAME, T, NT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const unsigned* meta,           \
                                                             const T* x, T* y, int rows, int k_tiles, int stride, \
                                                             int batch) {                                         \
-        sparse24_decode<T, NT, 8>(values, meta, x, y, rows, k_tiles, stride, batch);                            \
+        sparse24_decode<T, NT, 8, NT == 1 ? 8 : 4>(values, meta, x, y, rows, k_tiles, stride, batch);                            \
     }
 #define GEMM(NAME, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const unsigned* meta, const T* x, \

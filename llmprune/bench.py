@@ -17,7 +17,7 @@ import statistics
 import torch
 from torch import nn
 
-from llmprune import deploy, formats
+from llmprune import deploy, formats, kernels
 from llmprune.errors import LlmpruneError
 from llmprune.models import get_weight
 
@@ -118,6 +118,11 @@ def shape_rows(W: torch.Tensor, layout: str, *, tokens=TOKENS, repeats: int = 50
         rel_err = float((got.double() - expected).norm() / expected.norm())
         dense_s, method = time_calls([lambda i=i: nn.functional.linear(xs[i], dense[i]) for i in range(copies)], repeats=repeats)
         ours_s, ours_method = time_calls([lambda i=i: sparse[i](xs[i]) for i in range(copies)], repeats=repeats)
+        paths = {}
+        if n > kernels.DECODE_TOKENS:  # both prefill paths, whichever the layer's default is
+            for path in ("mma", "expand"):
+                paths[f"ours_{path}_s"], _ = time_calls([lambda i=i: _prefill(sparse[i], xs[i], path) for i in range(copies)],
+                                                        repeats=repeats)
         semi_s = None
         if semi is not None:
             try:
@@ -133,11 +138,18 @@ def shape_rows(W: torch.Tensor, layout: str, *, tokens=TOKENS, repeats: int = 50
             "dense_gbs": (W.numel() * W.element_size() + io) / dense_s / 1e9,
             "ours_gbs": (sparse[0].stored_bytes() + io) / ours_s / 1e9,
             "stored_over_dense": sparse[0].stored_bytes() / (W.numel() * W.element_size()),
-            "rel_err": rel_err, "timing": f"{method}/{ours_method}, {copies} weight copies, median of {repeats}",
+            **paths, "rel_err": rel_err, "timing": f"{method}/{ours_method}, {copies} weight copies, median of {repeats}",
         })
     del dense, sparse, semi
     torch.cuda.empty_cache()
     return out
+
+
+def _prefill(layer: deploy.SparseLinear, x: torch.Tensor, path: str) -> torch.Tensor:
+    if layer.layout == formats.SPARSE24:
+        return kernels.sparse24_matmul(layer.values, layer.meta, x, layer.out_features, layer.in_features, prefill=path)
+    return kernels.bitmask_matmul(layer.values, layer.offsets, layer.masks, x, layer.out_features, layer.in_features,
+                                  prefill=path)
 
 
 def kernel_table(model: nn.Module, *, dtype=torch.float16, tokens=TOKENS, repeats: int = 50) -> list[dict]:

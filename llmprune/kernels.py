@@ -219,11 +219,21 @@ def _launch(source: str, name: str, grid: tuple, block: int, args: tuple, device
     index = device.index if device.index is not None else torch.cuda.current_device()
     function = _function(source, name, index)
     raw = tuple(np.uint64(a.data_ptr()) if isinstance(a, Tensor) else np.int32(a) for a in args)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index):
+    with cupy.cuda.Device(index), _cupy_stream(cupy, torch.cuda.current_stream(device), index):
         function(grid, (block,), raw)
 
 
+def _cupy_stream(cupy, stream: "torch.cuda.Stream", index: int):
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy 14 (ExternalStream is deprecated there)
+    if from_external is not None and hasattr(stream, "__cuda_stream__"):
+        return from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, index)
+
+
 _KIND = {torch.float16: "f16", torch.bfloat16: "bf16"}
+# Prefill (more than DECODE_TOKENS tokens) by our tiled GEMM ("mma") or by expanding the tiles to a dense weight
+# for the one call and running cuBLAS ("expand"); each layout's default is the faster on an H200 (README).
+PREFILL = {"2:4": "mma", "bitmask": "mma"}
 _THREADS = 256
 _GEMM_TILE = 128
 
@@ -243,8 +253,31 @@ def _tokens(x: Tensor, values: Tensor, cols: int) -> Tensor:
     return x2
 
 
-def sparse24_matmul(values: Tensor, meta: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
-    """y = x Wᵀ on the GPU, W in the 2:4 tiles of pack_24_tiles; decode kernel up to 16 tokens, GEMM beyond."""
+def expand_24(values: Tensor, meta: Tensor, rows: int, cols: int) -> Tensor:
+    """The dense [rows, cols] weight of 2:4 tiles, expanded on the GPU (a view of a [m_tiles·16, k_tiles·32] buffer)."""
+    m_tiles, k_tiles = values.shape[:2]
+    dense = torch.empty(m_tiles * TILE_ROWS, k_tiles * TILE_COLS, dtype=values.dtype, device=values.device)
+    tiles = m_tiles * k_tiles
+    _launch("sparse24_mma.cu", "sparse24_expand_tiles", (-(-tiles // 8),), _THREADS, (values, meta, dense, tiles, k_tiles),
+            values.device)
+    return dense[:rows, :cols]
+
+
+def expand_bitmask(values: Tensor, offsets: Tensor, masks: Tensor, rows: int, cols: int) -> Tensor:
+    """The dense [rows, cols] weight of bitmask tiles, expanded on the GPU (a view of a padded buffer)."""
+    m_tiles, k_tiles = masks.shape[:2]
+    dense = torch.empty(m_tiles * TILE_ROWS, k_tiles * TILE_COLS, dtype=values.dtype, device=values.device)
+    tiles = m_tiles * k_tiles
+    _launch("bitmask_mma.cu", "bitmask_expand_tiles", (-(-tiles // 8),), _THREADS,
+            (values, offsets, masks, dense, tiles, k_tiles), values.device)
+    return dense[:rows, :cols]
+
+
+def sparse24_matmul(values: Tensor, meta: Tensor, x: Tensor, rows: int, cols: int, *, prefill: str | None = None) -> Tensor:
+    """y = x Wᵀ on the GPU, W in the 2:4 tiles of pack_24_tiles; decode kernel up to 16 tokens, beyond it the tiled
+    GEMM or expansion + cuBLAS (`prefill`: "mma" or "expand"; default PREFILL["2:4"])."""
+    if x.numel() > DECODE_TOKENS * cols and (prefill or PREFILL["2:4"]) == "expand":
+        return torch.nn.functional.linear(x, expand_24(values, meta, rows, cols))
     x2 = _tokens(x, values, cols)
     m_tiles, k_tiles = values.shape[:2]
     tokens = x2.shape[0]
@@ -261,8 +294,12 @@ def sparse24_matmul(values: Tensor, meta: Tensor, x: Tensor, rows: int, cols: in
     return y.view(*x.shape[:-1], rows)
 
 
-def bitmask_matmul(values: Tensor, offsets: Tensor, masks: Tensor, x: Tensor, rows: int, cols: int) -> Tensor:
-    """y = x Wᵀ on the GPU, W in the bitmask tiles of pack_bitmask_tiles; decode kernel up to 16 tokens, GEMM beyond."""
+def bitmask_matmul(values: Tensor, offsets: Tensor, masks: Tensor, x: Tensor, rows: int, cols: int, *,
+                   prefill: str | None = None) -> Tensor:
+    """y = x Wᵀ on the GPU, W in the bitmask tiles of pack_bitmask_tiles; decode kernel up to 16 tokens, beyond it
+    the tiled GEMM or expansion + cuBLAS (`prefill`: "mma" or "expand"; default PREFILL["bitmask"])."""
+    if x.numel() > DECODE_TOKENS * cols and (prefill or PREFILL["bitmask"]) == "expand":
+        return torch.nn.functional.linear(x, expand_bitmask(values, offsets, masks, rows, cols))
     x2 = _tokens(x, values, cols)
     m_tiles, k_tiles = masks.shape[:2]
     tokens = x2.shape[0]

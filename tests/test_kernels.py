@@ -181,3 +181,23 @@ def test_gpu_kernels_write_every_output_and_follow_the_stream():
     stream.synchronize()
     assert y.shape == (3, 7, 300)
     assert _relative_error(y, x.double() @ W.double().T) < 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rows,cols", [(300, 520), (4096, 4096), (5, 100)])
+def test_gpu_expansion_and_both_prefill_paths(rows, cols):
+    W = pruned(rows, cols, 0.7, dtype=torch.float16, seed=7).cuda()
+    packed = kernels.pack_bitmask_tiles(W)
+    assert torch.equal(kernels.expand_bitmask(*packed, rows, cols), W)
+    x = torch.randn(300, cols, device="cuda", dtype=torch.float16)
+    expected = x.double() @ W.double().T
+    for path in ("mma", "expand"):
+        assert _relative_error(kernels.bitmask_matmul(*packed, x, rows, cols, prefill=path), expected) < 2e-3
+    if cols % 4 == 0:
+        W = pruned(rows, cols, pattern=Pattern(2, 4), dtype=torch.float16, seed=8).cuda()
+        packed = kernels.pack_24_tiles(W)
+        assert torch.equal(kernels.expand_24(*packed, rows, cols), W)
+        expected = x.double() @ W.double().T
+        for path in ("mma", "expand"):
+            assert _relative_error(kernels.sparse24_matmul(*packed, x, rows, cols, prefill=path), expected) < 2e-3
