@@ -35,14 +35,12 @@ __device__ __forceinline__ void expand_raw(unsigned (&a)[8], const RawTile& raw,
     }
     __syncwarp();
     const unsigned short* mine = reinterpret_cast<const unsigned short*>(stage) + (before - count);
-    int k = 0;
 #pragma unroll
-    for (int r = 0; r < 8; ++r) {
-        const bool lo = (raw.mask >> (2 * r)) & 1u, hi = (raw.mask >> (2 * r + 1)) & 1u;
-        const unsigned v0 = lo ? mine[k] : 0u;
-        k += lo;
-        const unsigned v1 = hi ? mine[k] : 0u;
-        k += hi;
+    for (int r = 0; r < 8; ++r) {  // each value's place among the lane's kept ones: independent loads
+        const unsigned lo = (raw.mask >> (2 * r)) & 1u, hi = (raw.mask >> (2 * r + 1)) & 1u;
+        const int at = __popc(raw.mask & ((1u << (2 * r)) - 1u));
+        const unsigned v0 = lo ? mine[at] : 0u;
+        const unsigned v1 = hi ? mine[at + lo] : 0u;
         a[r] = v0 | (v1 << 16);
     }
     __syncwarp();
@@ -96,20 +94,17 @@ __device__ void bitmask_decode(const uint4* __restrict__ values, const int* __re
             load_values(raw[u], values, first, lane);
         }
         load_meta(kt0 + U, next_offset, next_mask);
-        unsigned b[U][NT][4];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_tokens<T>(b[u][nt], x_row[nt], x_ok[nt], (kt0 + u) * 32, t, stride);
 #pragma unroll
         for (int u = 0; u < U; ++u)
             if (kt0 + u < end) {
-                unsigned a[8];
+                unsigned b[NT][4], a[8];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) load_tokens<T>(b[nt], x_row[nt], x_ok[nt], (kt0 + u) * 32, t, stride);
                 expand_raw(a, raw[u], stages[warp][u], lane);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    mma_16816<T>(acc[nt], a[0], a[1], a[2], a[3], b[u][nt][0], b[u][nt][1]);
-                    mma_16816<T>(acc[nt], a[4], a[5], a[6], a[7], b[u][nt][2], b[u][nt][3]);
+                    mma_16816<T>(acc[nt], a[0], a[1], a[2], a[3], b[nt][0], b[nt][1]);
+                    mma_16816<T>(acc[nt], a[4], a[5], a[6], a[7], b[nt][2], b[nt][3]);
                 }
             }
         offset = next_offset;
@@ -224,9 +219,9 @@ extern "C" __global__ void __launch_bounds__(256) bitmask_expand_tiles(const uin
 }
 
 #define DECODE(NAME, T, NT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const int* offsets,                  \
-                                                            const unsigned short* masks, const T* x, T* y, int rows, \
-                                                            int k_tiles, int stride, int batch) {                     \
+    extern "C" __global__ void __launch_bounds__(256, 3) NAME(const uint4* values, const int* offsets,               \
+                                                               const unsigned short* masks, const T* x, T* y,       \
+                                                               int rows, int k_tiles, int stride, int batch) {      \
         bitmask_decode<T, NT, 8, 4>(values, offsets, masks, x, y, rows, k_tiles, stride, batch);                       \
     }
 #define GEMM(NAME, T)                                                                                                \

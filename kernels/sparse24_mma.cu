@@ -151,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(256) sparse24_expand_tiles(const ui
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const unsigned* meta,           \
                                                             const T* x, T* y, int rows, int k_tiles, int stride, \
                                                             int batch) {                                         \
-        sparse24_decode<T, NT, 8, NT == 1 ? 8 : 4>(values, meta, x, y, rows, k_tiles, stride, batch);                            \
+        sparse24_decode<T, NT, 8, 4>(values, meta, x, y, rows, k_tiles, stride, batch);                            \
     }
 #define GEMM(NAME, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const unsigned* meta, const T* x, \
