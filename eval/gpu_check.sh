@@ -23,7 +23,7 @@ if grep -q "khalf.*WRONG" "$OUT/probe.log" && ! grep -q "row .*WRONG" "$OUT/prob
 fi
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_deploy.py 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
-timeout 120 python3 - "$OUT/tiny24" <<'PY' && timeout 120 python3 -m llmprune bench "$OUT/tiny24" --repeats 10 --decode-tokens 16 --tokens 1,64 2>&1 | tail -20
+timeout 120 python3 - "$OUT/tiny24" <<'PY' && (cd /tmp && timeout 120 python3 -m llmprune bench "$OUT/tiny24" --repeats 10 --decode-tokens 16 --tokens 1,64 2>&1 | tail -20)
 import sys
 sys.path.insert(0, "tests")
 import torch
