@@ -9,6 +9,18 @@
 // 16 bytes). Bytes per weight: the kept values, 1 bit of mask, and 4 bytes per tile of offsets.
 #include "mma.cuh"
 
+// Decode launch shape: warps per block (the host launches 32 x this many threads), tiles per group, and the
+// blocks per multiprocessor the register budget aims at. Defaults measured on an H200 (eval/tune_decode.py).
+#ifndef BITMASK_DECODE_WARPS
+#define BITMASK_DECODE_WARPS 8
+#endif
+#ifndef BITMASK_DECODE_STEPS
+#define BITMASK_DECODE_STEPS 4
+#endif
+#ifndef BITMASK_DECODE_MIN_BLOCKS
+#define BITMASK_DECODE_MIN_BLOCKS 3
+#endif
+
 // A tile's bytes as a warp reads them: lane l holds 16-byte chunks l and l + 32 of the tile's values.
 struct RawTile {
     unsigned mask;  // this lane's 16 kept-bits
@@ -219,10 +231,11 @@ extern "C" __global__ void __launch_bounds__(256) bitmask_expand_tiles(const uin
 }
 
 #define DECODE(NAME, T, NT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 3) NAME(const uint4* values, const int* offsets,               \
-                                                               const unsigned short* masks, const T* x, T* y,       \
-                                                               int rows, int k_tiles, int stride, int batch) {      \
-        bitmask_decode<T, NT, 8, 4>(values, offsets, masks, x, y, rows, k_tiles, stride, batch);                       \
+    extern "C" __global__ void __launch_bounds__(32 * BITMASK_DECODE_WARPS, BITMASK_DECODE_MIN_BLOCKS)               \
+        NAME(const uint4* values, const int* offsets, const unsigned short* masks, const T* x, T* y, int rows,         \
+             int k_tiles, int stride, int batch) {                                                                     \
+        bitmask_decode<T, NT, BITMASK_DECODE_WARPS, BITMASK_DECODE_STEPS>(values, offsets, masks, x, y, rows, k_tiles, \
+                                                                          stride, batch);                              \
     }
 #define GEMM(NAME, T)                                                                                                \
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const int* offsets,                  \

@@ -8,6 +8,15 @@
 // is the metadata register of lane 4g + t. Bytes per weight: half the values plus 1 bit (9 bits in fp16).
 #include "mma.cuh"
 
+// Decode launch shape: warps per block (the host launches 32 x this many threads) and 32-input steps in flight
+// per warp. Defaults measured on an H200 (eval/tune_decode.py tries others).
+#ifndef SPARSE24_DECODE_WARPS
+#define SPARSE24_DECODE_WARPS 8
+#endif
+#ifndef SPARSE24_DECODE_STEPS
+#define SPARSE24_DECODE_STEPS 4
+#endif
+
 // Decode: one block per 16-row tile; its warps take the 32-input steps round robin and sum at the end.
 template <typename T, int NT, int WARPS, int U>
 __device__ void sparse24_decode(const uint4* __restrict__ values, const unsigned* __restrict__ meta,
@@ -148,10 +157,11 @@ extern "C" __global__ void __launch_bounds__(256) sparse24_expand_tiles(const ui
 }
 
 #define DECODE(NAME, T, NT)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const unsigned* meta,           \
-                                                            const T* x, T* y, int rows, int k_tiles, int stride, \
-                                                            int batch) {                                         \
-        sparse24_decode<T, NT, 8, 4>(values, meta, x, y, rows, k_tiles, stride, batch);                            \
+    extern "C" __global__ void __launch_bounds__(32 * SPARSE24_DECODE_WARPS)                                   \
+        NAME(const uint4* values, const unsigned* meta, const T* x, T* y, int rows, int k_tiles, int stride,    \
+             int batch) {                                                                                        \
+        sparse24_decode<T, NT, SPARSE24_DECODE_WARPS, SPARSE24_DECODE_STEPS>(values, meta, x, y, rows, k_tiles, \
+                                                                            stride, batch);                     \
     }
 #define GEMM(NAME, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) NAME(const uint4* values, const unsigned* meta, const T* x, \
