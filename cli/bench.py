@@ -56,7 +56,9 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
     console.print("environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()))
     table = Table(title=f"kernels ({dtype}, median of {repeats})")
     for column in ("shape", "layout", "tokens", "dense µs", "ours µs", "torch 2:4 µs", "speedup", "vs torch 2:4",

@@ -64,7 +64,7 @@ def require_gpu() -> None:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        raise LlmpruneError("llmprune bench needs CuPy for the kernels: pip install 'llmprune[cuda]'.") from None
+        raise LlmpruneError("llmprune bench needs CuPy for the kernels: pip install 'llmprune[cuda]' or 'llmprune[cuda13]'.") from None
 
 
 def time_calls(calls: list, *, warmup: int = 3, repeats: int = 50, graph: bool = True) -> tuple[float, str]:

@@ -190,7 +190,7 @@ def _cupy():
     try:
         import cupy
     except ImportError:
-        raise LlmpruneError("the sparse kernels need CuPy: pip install 'llmprune[cuda]'.") from None
+        raise LlmpruneError("the sparse kernels need CuPy: pip install 'llmprune[cuda]' or 'llmprune[cuda13]'.") from None
     return cupy
 
 
@@ -327,5 +327,5 @@ def capability_refusal(device: torch.device) -> str | None:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install 'llmprune[cuda]')"
+        return "CuPy is not installed (pip install 'llmprune[cuda]' or 'llmprune[cuda13]')"
     return None

@@ -87,7 +87,7 @@ def _gpu_ready():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU of compute capability 8.0+ and CuPy (pip install 'llmprune[cuda]')")
+@pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU of compute capability 8.0+ and CuPy (pip install 'llmprune[cuda]' or 'llmprune[cuda13]')")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pattern,layout", [(Pattern(2, 4), formats.SPARSE24), (Pattern(), formats.BITMASK)])
 def test_sparsified_model_on_the_gpu_runs_the_kernels(dtype, pattern, layout, caplog):

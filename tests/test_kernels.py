@@ -128,7 +128,7 @@ def _gpu_ready():
     return torch.cuda.is_available() and kernels.capability_refusal(torch.device("cuda")) is None
 
 
-gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU of compute capability 8.0+ and CuPy (pip install 'llmprune[cuda]')")
+gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU of compute capability 8.0+ and CuPy (pip install 'llmprune[cuda]' or 'llmprune[cuda13]')")
 GPU_SHAPES = SHAPES + [(4096, 4096), (11008, 4096), (4096, 11008), (300, 520)]
 TOKENS = [1, 2, 5, 8, 9, 16, 17, 100, 128, 257, 2048]
 
