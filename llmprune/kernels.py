@@ -279,20 +279,7 @@ def sparse24_matmul(values: Tensor, meta: Tensor, x: Tensor, rows: int, cols: in
     GEMM or expansion + cuBLAS (`prefill`: "mma" or "expand"; default PREFILL["2:4"])."""
     if x.numel() > DECODE_TOKENS * cols and (prefill or PREFILL["2:4"]) == "expand":
         return torch.nn.functional.linear(x, expand_24(values, meta, rows, cols))
-    x2 = _tokens(x, values, cols)
-    m_tiles, k_tiles = values.shape[:2]
-    tokens = x2.shape[0]
-    y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
-    if tokens:
-        kind = _KIND[x.dtype]
-        if tokens <= DECODE_TOKENS:
-            _launch("sparse24_mma.cu", f"sparse24_decode_{kind}_n{1 if tokens <= 8 else 2}", (m_tiles,), _THREADS,
-                    (values, meta, x2, y, rows, k_tiles, x2.shape[1], tokens), x.device)
-        else:
-            grid = (-(-tokens // _GEMM_TILE), -(-m_tiles * TILE_ROWS // _GEMM_TILE))
-            _launch("sparse24_mma.cu", f"sparse24_gemm_{kind}", grid, _THREADS,
-                    (values, meta, x2, y, rows, m_tiles, k_tiles, x2.shape[1], tokens), x.device)
-    return y.view(*x.shape[:-1], rows)
+    return _matmul("sparse24", (values, meta), values.shape[:2], x, rows, cols)
 
 
 def bitmask_matmul(values: Tensor, offsets: Tensor, masks: Tensor, x: Tensor, rows: int, cols: int, *,
@@ -301,19 +288,24 @@ def bitmask_matmul(values: Tensor, offsets: Tensor, masks: Tensor, x: Tensor, ro
     the tiled GEMM or expansion + cuBLAS (`prefill`: "mma" or "expand"; default PREFILL["bitmask"])."""
     if x.numel() > DECODE_TOKENS * cols and (prefill or PREFILL["bitmask"]) == "expand":
         return torch.nn.functional.linear(x, expand_bitmask(values, offsets, masks, rows, cols))
-    x2 = _tokens(x, values, cols)
-    m_tiles, k_tiles = masks.shape[:2]
+    return _matmul("bitmask", (values, offsets, masks), masks.shape[:2], x, rows, cols)
+
+
+def _matmul(prefix: str, parts: tuple, tiles: tuple, x: Tensor, rows: int, cols: int) -> Tensor:
+    """Launch `prefix`'s decode kernel (≤ DECODE_TOKENS tokens) or its tiled GEMM on the weight `parts`."""
+    x2 = _tokens(x, parts[0], cols)
+    m_tiles, k_tiles = tiles
     tokens = x2.shape[0]
     y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
     if tokens:
-        kind = _KIND[x.dtype]
+        source, kind = f"{prefix}_mma.cu", _KIND[x.dtype]
         if tokens <= DECODE_TOKENS:
-            _launch("bitmask_mma.cu", f"bitmask_decode_{kind}_n{1 if tokens <= 8 else 2}", (m_tiles,), _THREADS,
-                    (values, offsets, masks, x2, y, rows, k_tiles, x2.shape[1], tokens), x.device)
+            _launch(source, f"{prefix}_decode_{kind}_n{1 if tokens <= 8 else 2}", (m_tiles,), _THREADS,
+                    (*parts, x2, y, rows, k_tiles, x2.shape[1], tokens), x.device)
         else:
             grid = (-(-tokens // _GEMM_TILE), -(-m_tiles * TILE_ROWS // _GEMM_TILE))
-            _launch("bitmask_mma.cu", f"bitmask_gemm_{kind}", grid, _THREADS,
-                    (values, offsets, masks, x2, y, rows, m_tiles, k_tiles, x2.shape[1], tokens), x.device)
+            _launch(source, f"{prefix}_gemm_{kind}", grid, _THREADS,
+                    (*parts, x2, y, rows, m_tiles, k_tiles, x2.shape[1], tokens), x.device)
     return y.view(*x.shape[:-1], rows)
 
 

@@ -201,3 +201,38 @@ def test_gpu_expansion_and_both_prefill_paths(rows, cols):
         expected = x.double() @ W.double().T
         for path in ("mma", "expand"):
             assert _relative_error(kernels.sparse24_matmul(*packed, x, rows, cols, prefill=path), expected) < 2e-3
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 9, 16, 17, 300])
+@pytest.mark.parametrize("layout", ["2:4", "bitmask"])
+def test_dispatch_launches_the_right_kernel_with_its_arguments(monkeypatch, tokens, layout):
+    """Without a GPU: which kernel each token count reaches, its grid and argument order (as the .cu files declare)."""
+    import re
+
+    calls = []
+    monkeypatch.setattr(kernels, "_launch", lambda source, name, grid, block, args, device: calls.append((source, name, grid, block, args)))
+    rows, cols = 40, 100 if layout == "bitmask" else 104
+    W = pruned(rows, cols, pattern=Pattern(2, 4) if layout == "2:4" else Pattern(), dtype=torch.float16)
+    x = torch.randn(tokens, cols).half()
+    m_tiles, k_tiles = kernels.tile_counts(rows, cols)
+    if layout == "2:4":
+        parts = kernels.pack_24_tiles(W)
+        y = kernels.sparse24_matmul(*parts, x, rows, cols, prefill="mma")
+    else:
+        parts = kernels.pack_bitmask_tiles(W)
+        y = kernels.bitmask_matmul(*parts, x, rows, cols, prefill="mma")
+    assert y.shape == (tokens, rows) and len(calls) == 1
+    source, name, grid, block, args = calls[0]
+    prefix = "sparse24" if layout == "2:4" else "bitmask"
+    assert source == f"{prefix}_mma.cu" and block == 256
+    assert re.search(rf'DECODE\({name},|GEMM\({name},', (kernels.source_dir() / source).read_text())
+    stride = 104 if cols % 8 == 0 else cols + 8 - cols % 8
+    if tokens <= kernels.DECODE_TOKENS:
+        assert name == f"{prefix}_decode_f16_n{1 if tokens <= 8 else 2}" and grid == (m_tiles,)
+        assert args[:len(parts)] == parts and args[len(parts) + 2:] == (rows, k_tiles, stride, tokens)
+    else:
+        assert name == f"{prefix}_gemm_f16" and grid == (-(-tokens // 128), -(-m_tiles * 16 // 128))
+        assert args[:len(parts)] == parts and args[len(parts) + 2:] == (rows, m_tiles, k_tiles, stride, tokens)
+    x2, out = args[len(parts):len(parts) + 2]
+    assert x2.shape == (tokens, stride) and torch.equal(x2[:, :cols], x) and not x2[:, cols:].any()
+    assert out.data_ptr() == y.data_ptr()
