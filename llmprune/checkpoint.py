@@ -250,6 +250,22 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def return_freed_memory() -> None:
+    """Have glibc give freed tensors back to the system at once. Its default raises the mmap threshold after each
+    large free, so tensor-sized buffers end up on the heap and stay resident after release: measured +30 MB of
+    RSS per block of a 1024-wide Llama when streaming, and 1.95 GB instead of 1.12 GB peak when compressing
+    SmolLM2's 538 MB checkpoint. Process-wide, so called where memory matters more than speed (large
+    temporaries become fresh mappings: solves ran ~35% slower when streaming). A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, which also fixes it (no more dynamic raising)
+    except (OSError, AttributeError):
+        pass
+
+
 def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None) -> dict:
     """Rewrite the dense safetensors of a saved model in place: every `T.weight` with T in targets (or for which
     also(key, tensor) holds) is stored compressed, and config.json gets the compressed-tensors block. Returns
@@ -259,6 +275,7 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
     """
     from safetensors import safe_open
 
+    return_freed_memory()  # each weight's temporaries would otherwise stay resident beside the kept parts
     directory = Path(directory)
     files = weight_files(directory)
     chosen: set[str] = set()

@@ -64,7 +64,7 @@ class ShardSource:
         # parameter name -> (transformers' converter, [(its source pattern, tensor name in the shards)]): parameters
         # that transformers assembles from several stored tensors when loading (fused MoE experts)
         self.converted: dict[str, tuple[object, list[tuple[str, str]]]] = {}
-        _return_freed_memory()
+        checkpoint.return_freed_memory()
 
     def build(self, dtype: torch.dtype | None, trust_remote_code: bool = False) -> nn.Module:
         """The model with every parameter on the meta device (buffers real), mapped to the shards' tensors."""
@@ -232,20 +232,6 @@ class ShardSource:
         with self._reader() as read:
             tensor = read(key)
         return (tensor.to(self.dtype) if tensor.is_floating_point() else tensor).contiguous()
-
-
-def _return_freed_memory() -> None:
-    """Have glibc give freed tensors back to the system at once. Its default raises the mmap threshold after each
-    large free, so block-sized tensors end up on the heap and stay resident after release: measured +30 MB of
-    RSS per block of a 1024-wide Llama without this. A no-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, which also fixes it (no more dynamic raising)
-    except (OSError, AttributeError):
-        pass
 
 
 def _flat(options: dict, prefix: str = "") -> dict:
