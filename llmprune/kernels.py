@@ -25,7 +25,7 @@ from llmprune.errors import LlmpruneError
 log = logging.getLogger(__name__)
 SOURCES = ("sparse24_mma.cu", "bitmask_mma.cu")
 TILE_ROWS, TILE_COLS = 16, 32
-DECODE_TOKENS = 16  # up to here the decode kernels (tokens in registers); beyond, the tiled GEMM
+DECODE_TOKENS = 16  # up to here the decode kernels (tokens in registers); beyond, a prefill path (PREFILL)
 MIN_CAPABILITY = (8, 0)  # mma.sp and mma.sync m16n8k16 for bf16 need Ampere or newer
 
 

@@ -105,3 +105,13 @@ def test_sparsified_model_on_the_gpu_runs_the_kernels(dtype, pattern, layout, ca
     assert not [r for r in caplog.records if "not used" in r.message]
     assert float((got - expected).norm() / expected.norm()) < (5e-3 if dtype == torch.float16 else 3e-2)
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("tokens", ["1,x", "0,16", ""])
+def test_bench_bad_token_counts_are_one_line_errors(tmp_path, tokens):
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    result = CliRunner().invoke(app, ["bench", str(tmp_path), "--tokens", tokens])
+    assert result.exit_code == 2 and "--tokens" in result.stderr and len(result.stderr.strip().splitlines()) == 1
