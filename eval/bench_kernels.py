@@ -36,18 +36,18 @@ def git_hash() -> str:
         return "unknown"
 
 
+def prune_(W: torch.Tensor, layout: str, sparsity: float) -> None:
+    """Magnitude pruning in place: 2:4 within each group of four, or `sparsity` of each row."""
+    from llmprune.masks import Pattern, select_mask
+
+    pattern = Pattern(2, 4) if layout == "2:4" else Pattern()
+    W.masked_fill_(select_mask(W.abs(), 0.5 if pattern.structured else sparsity, pattern), 0.0)
+
+
 def pruned_weight(rows: int, cols: int, layout: str, sparsity: float, dtype, seed: int) -> torch.Tensor:
-    """Random weight pruned by magnitude: 2:4 per group of four, or unstructured per row."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     W = torch.randn(rows, cols, device="cuda", generator=g, dtype=torch.float32)
-    if layout == "2:4":
-        groups = W.view(rows, cols // 4, 4)
-        drop = groups.abs().topk(2, dim=-1, largest=False).indices
-        groups.scatter_(-1, drop, 0.0)
-    else:
-        k = int(round(sparsity * cols))
-        drop = W.abs().topk(k, dim=1, largest=False).indices
-        W.scatter_(1, drop, 0.0)
+    prune_(W, layout, sparsity)
     return W.to(dtype)
 
 
@@ -58,13 +58,7 @@ def prune_model_(model, layout: str, sparsity: float) -> None:
     with torch.no_grad():
         for block in blocks:
             for module in find_linears(block, "").values():
-                W = get_weight(module)
-                rows, cols = W.shape
-                if layout == "2:4":
-                    groups = W.view(rows, cols // 4, 4)
-                    groups.scatter_(-1, groups.abs().topk(2, dim=-1, largest=False).indices, 0.0)
-                else:
-                    W.scatter_(1, W.abs().topk(int(round(sparsity * cols)), dim=1, largest=False).indices, 0.0)
+                prune_(get_weight(module), layout, sparsity)
 
 
 def llama_1b(dtype):

@@ -7,15 +7,14 @@ kernels.pack_24_tiles. The PTX ISA gives this layout only as a figure; this make
 import torch
 
 from llmprune import kernels
+from llmprune.masks import Pattern, select_mask
 
 
 def main() -> None:
     torch.manual_seed(0)
     rows, cols = 64, 256
     W = torch.randn(rows, cols, device="cuda")
-    groups = W.view(rows, cols // 4, 4)
-    groups.scatter_(-1, groups.abs().topk(2, dim=-1, largest=False).indices, 0.0)
-    W = W.half()
+    W = W.masked_fill(select_mask(W.abs(), 0.5, Pattern(2, 4)), 0.0).half()
     for layout in ("khalf", "row"):
         values, meta = kernels.pack_24_tiles(W, meta_layout=layout)
         for tokens in (3, 40):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from llmprune import bench, kernels
+from llmprune.masks import Pattern, select_mask
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 VARIANTS = {
@@ -54,12 +55,8 @@ def main() -> None:
         W = torch.randn(rows, cols, device="cuda", generator=g)
         copies = max(2, min(16, math.ceil(3 * l2 / (W.numel() * 2))))
         x = torch.randn(copies, 1, cols, device="cuda", dtype=torch.float16)
-        W24 = W.clone().view(rows, cols // 4, 4)
-        W24.scatter_(-1, W24.abs().topk(2, dim=-1, largest=False).indices, 0.0)
-        W24 = W24.view(rows, cols).half()
-        Wbm = W.clone()
-        Wbm.scatter_(1, Wbm.abs().topk(cols // 2, dim=1, largest=False).indices, 0.0)
-        Wbm = Wbm.half()
+        W24 = W.masked_fill(select_mask(W.abs(), 0.5, Pattern(2, 4)), 0.0).half()
+        Wbm = W.masked_fill(select_mask(W.abs(), 0.5, Pattern()), 0.0).half()
         packed = {"sparse24_mma.cu": [kernels.pack_24_tiles(W24) for _ in range(copies)],
                   "bitmask_mma.cu": [kernels.pack_bitmask_tiles(Wbm) for _ in range(copies)]}
         dense = {"sparse24_mma.cu": W24, "bitmask_mma.cu": Wbm}
