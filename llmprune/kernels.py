@@ -309,8 +309,9 @@ def _matmul(prefix: str, parts: tuple, tiles: tuple, x: Tensor, rows: int, cols:
     return y.view(*x.shape[:-1], rows)
 
 
+@functools.lru_cache(maxsize=None)
 def capability_refusal(device: torch.device) -> str | None:
-    """Why the kernels cannot run on `device` (None when they can)."""
+    """Why the kernels cannot run on `device` (None when they can); asked on every forward, so remembered."""
     if device.type != "cuda":
         return "the kernels need a CUDA GPU"
     capability = torch.cuda.get_device_capability(device)
