@@ -54,6 +54,7 @@ def prune(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="auto (the model's own), float32, float16 or bfloat16; also the saved dtype."),
     microbatch: Optional[int] = typer.Option(None, help="Calibration windows per forward call (default: about 2048 tokens)."),
+    checkpoint_every: Optional[float] = typer.Option(None, "--checkpoint-every", min=0, help="Least seconds between two saves of the run's state in OUT.partial/ (0: after every block); a crash or Ctrl-C loses at most this much work. [default: 60]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run kept in OUT.partial/ (same options) after its last finished block."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read one decoder block at a time from the safetensors shards, so memory holds about one block, not the model. [default: when the model would take over half the free memory]"),
     offload_activations: Optional[str] = typer.Option(None, "--offload-activations", help="Keep the calibration activations in this directory, one micro-batch in memory at a time (runs the two-pass schedule). [default: in OUT.partial/ when they would not fit in memory]"),
@@ -87,7 +88,8 @@ def prune(
     try:
         _, report = run_prune(
             model, recipe=chosen, out=out, overwrite=overwrite, device=device, dtype=None if dtype == "auto" else dtype,
-            microbatch=microbatch, format=format, resume=resume, stream=stream, offload_activations=offload_activations,
+            microbatch=microbatch, format=format, resume=resume, checkpoint_every=checkpoint_every, stream=stream,
+            offload_activations=offload_activations,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )

@@ -57,6 +57,7 @@ def prune(
     resume: bool = False,
     stream: bool | None = None,
     offload_activations: str | os.PathLike | None = None,
+    checkpoint_every: float | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     **recipe_fields,
@@ -70,7 +71,8 @@ def prune(
     With `out`, the run's state lives in OUT.partial/ until OUT/ is complete; resume=True continues it.
     stream: read one decoder block at a time from the safetensors shards (None: when the model would not fit
     in half the free memory). offload_activations: a directory for the calibration activations (chosen in
-    OUT.partial/ when they would not fit in memory). Under torchrun, the calibration data and the solves are
+    OUT.partial/ when they would not fit in memory). checkpoint_every: least seconds between two saves of the
+    partial run's state (default 60; 0 saves after every block). Under torchrun, the calibration data and the solves are
     shared by the processes.
 
     >>> model, report = prune("smollm2", method="wanda", sparsity=0.5, calibration="wikitext2-valid",
@@ -125,7 +127,8 @@ def prune(
         options = {"model": source["spec"], "recipe": recipe.to_dict(), "seqlen": seqlen, "dtype": model_dtype,
                    "microbatch": microbatch or (calibrate.default_microbatch(seqlen) if windows is not None else None),
                    "processes": dist.world, "two_pass": not recipe.sequential or offload is not None}
-        run = streaming.PartialRun(partial, model, options=options, dist=dist, source=shards)
+        run = streaming.PartialRun(partial, model, options=options, dist=dist, source=shards,
+                                   every=streaming.CHECKPOINT_SECONDS if checkpoint_every is None else checkpoint_every)
     try:
         start, inputs, allocated = 0, None, None
         if progress is not None:
@@ -150,10 +153,11 @@ def prune(
         _clean_offload(offload, asked=offload_activations is not None, dist=dist)
     except BaseException as exc:
         _clean_offload(offload, asked=offload_activations is not None, dist=dist)
-        if run is not None and progress is None and run.done_blocks == 0:
+        if run is not None and progress is None and run.saved_blocks == 0:
             run.remove()  # nothing worth resuming
         elif run is not None and isinstance(exc, KeyboardInterrupt):
-            raise LlmpruneError(f"interrupted after {run.done_blocks} of {run.total} blocks; continue with --resume "
+            saved = "" if run.saved_blocks == run.done_blocks else f" (the last save holds {run.saved_blocks})"
+            raise LlmpruneError(f"interrupted after {run.done_blocks} of {run.total} blocks{saved}; continue with --resume "
                                 f"(the finished blocks are kept in {partial}).") from None
         raise
 

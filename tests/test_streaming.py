@@ -133,9 +133,10 @@ def test_stream_needs_out_and_a_directory(tmp_path, calib):
 # ---- resume ----------------------------------------------------------------------------------------
 
 
-def interrupt_after(monkeypatch, block: int) -> None:
-    """Make the run stop (as Ctrl-C would) right after block `block`'s state is written."""
+def interrupt_after(monkeypatch, block: int, every: float = 0) -> None:
+    """Make the run stop (as Ctrl-C would) right after block `block` is done; the state is saved every `every` s."""
     original = streaming.PartialRun.done
+    monkeypatch.setattr(streaming, "CHECKPOINT_SECONDS", every)
 
     def done(self, index, *args):
         original(self, index, *args)
@@ -164,6 +165,25 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, calib, monkeypatc
     assert len(report["linears"]) == 4 * 7
     assert not (tmp_path / "out.partial").exists()
     assert_same(tmp_path / "whole", tmp_path / "out")
+
+
+def test_state_is_saved_at_most_every_interval(tmp_path, calib, monkeypatch):
+    """Inputs are written only when the interval has passed since the last save; the last block always saves."""
+    model = str(sharded_model(tmp_path / "m"))
+    writes = []
+    original = streaming._write_inputs
+    monkeypatch.setattr(streaming, "_write_inputs", lambda *a: (writes.append(a[2]["block"]), original(*a)))
+    api.prune(model, method="wanda", out=tmp_path / "every", checkpoint_every=0, **calib)
+    assert writes == ["1", "2", "3"]
+    writes.clear()
+    api.prune(model, method="wanda", out=tmp_path / "rarely", checkpoint_every=3600, **calib)
+    assert writes == []
+    assert_same(tmp_path / "every", tmp_path / "rarely")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 2, every=3600)
+        with pytest.raises(KeyboardInterrupt):  # nothing saved yet: nothing to resume, nothing left behind
+            api.prune(model, method="wanda", out=tmp_path / "out", **calib)
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
 
 
 def test_interrupt_before_any_block_leaves_nothing(tmp_path, calib, monkeypatch):
@@ -233,7 +253,7 @@ main()
 def test_run_killed_after_a_block_resumes_to_the_same_result(tmp_path, text_file):
     model = str(sharded_model(tmp_path / "m", layers=4))
     args = ["prune", model, "--method", "sparsegpt", "--pattern", "2:4", "--calib", str(text_file), "--nsamples", "8",
-            "--seqlen", "32", "--device", "cpu", "--stream"]
+            "--seqlen", "32", "--device", "cpu", "--stream", "--checkpoint-every", "0"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *args, "--out", str(tmp_path / "out")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
