@@ -324,10 +324,9 @@ class PartialRun(BlockStore):
         self.done_blocks, self.results = int(progress["done"]), list(progress["results"])
         self.saved_blocks = self.done_blocks
         self.extra = progress.get("extra", {})
-        _, blocks = find_blocks(self.model)
         if self.source is None:
             for i in range(self.done_blocks):
-                self._load_block(i, blocks[i])
+                self._load_block(i, self._blocks[i])
         if self.done_blocks >= self.total or not needs_inputs:
             return None
         return self._read_inputs()
