@@ -1,9 +1,13 @@
+import mmap
+import sys
+
 import pytest
 import torch
+from torch import nn
 
 from conftest import ARCHS, tiny_model
 from llmprune.errors import LlmpruneError
-from llmprune.models import find_blocks, find_linears, get_weight, load_model, resolve_source, set_weight_
+from llmprune.models import find_blocks, find_linears, get_weight, load_model, release_mapped_, resolve_source, set_weight_
 
 
 def test_resolve_sources(tmp_path, tiny_model_dir):
@@ -61,6 +65,33 @@ def test_conv1d_weights_are_seen_as_out_in():
     torch.testing.assert_close(c_fc(x), x @ W.T + c_fc.bias)
     set_weight_(c_fc, torch.zeros(256, 64))
     assert torch.all(c_fc.weight == 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released through /proc/self/maps (Linux)")
+def test_set_weight_swaps_in_the_new_weight_and_releases_the_mapped_one(tiny_model_dir):
+    model, _, _ = load_model(str(tiny_model_dir("llama")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    name, linear = next((n, m) for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and m.weight.numel() * 4 >= 3 * mmap.PAGESIZE and "lm_head" not in n)
+    param, old = linear.weight, linear.weight.data
+    W = torch.randn_like(old)
+    set_weight_(linear, W)
+    assert linear.weight is param and linear.weight.data_ptr() == W.data_ptr()  # swapped, same Parameter
+    x = torch.randn(2, W.shape[1])
+    torch.testing.assert_close(linear(x), x @ W.T)
+    # the replaced weight lay in the checkpoint's private mapping: its whole pages went back to the file, which
+    # still holds the loaded values; every other weight (some share a page with it) is untouched
+    torch.testing.assert_close(old, before[name + ".weight"], rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        if n != name + ".weight":
+            torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+    mapped = next(m.weight.data for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and m is not linear and m.weight.numel() * 4 >= 3 * mmap.PAGESIZE and "lm_head" not in n)
+    assert release_mapped_(mapped)
+    assert not release_mapped_(torch.randn(4096))  # anonymous memory is never released
+    # a weight that cannot be swapped in (another dtype, a view) is copied into the layer's own storage
+    set_weight_(linear, torch.ones(W.shape[1], W.shape[0], dtype=torch.float64).T)
+    assert linear.weight.data_ptr() == W.data_ptr() and torch.all(linear.weight == 1)
 
 
 def test_load_directory_and_dtype(tiny_model_dir):
