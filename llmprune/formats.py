@@ -56,13 +56,22 @@ def unpack_bits(packed: Tensor, cols: int) -> Tensor:
     return bits.view(rows, -1)[:, :cols]
 
 
+def _select(W: Tensor, mask: Tensor) -> Tensor:
+    """W[mask] (row-major order) for contiguous W. On the CPU through numpy's compress on the raw bits, which is
+    ~3× faster than boolean indexing (measured on a 1536×576 weight) and takes any dtype, bfloat16 included."""
+    if W.device.type != "cpu":
+        return W[mask]
+    bits = W.view(_INT_VIEW[W.element_size()]).reshape(-1).numpy()
+    return torch.from_numpy(np.compress(mask.reshape(-1).numpy(), bits)).view(W.dtype)
+
+
 def compress_bitmask(W: Tensor) -> dict[str, Tensor]:
     if W.dim() != 2:
         raise ValueError(f"sparse-bitmask stores 2-D weights; got shape {tuple(W.shape)}")
     W = W.contiguous()
     mask = _nonzero_bits(W)
-    counts = torch.count_nonzero(mask, dim=1)
-    return {"shape": torch.tensor(list(W.shape), dtype=torch.int64), "compressed": W[mask],
+    counts = mask.sum(dim=1)
+    return {"shape": torch.tensor(list(W.shape), dtype=torch.int64), "compressed": _select(W, mask),
             "bitmask": pack_bits(mask), "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
 
 
@@ -78,7 +87,7 @@ def compress_24(W: Tensor) -> dict[str, Tensor]:
     # keep the non-zeros, then the first zeros of the group, so every group keeps exactly two
     priority = nonzero.to(torch.int8) * 4 + torch.arange(3, -1, -1, dtype=torch.int8)
     keep = torch.zeros_like(nonzero).scatter_(-1, priority.topk(2, dim=-1).indices, True).view(rows, cols)
-    return {"shape": torch.tensor([[rows], [cols]], dtype=torch.int64), "compressed": W[keep].view(rows, cols // 2),
+    return {"shape": torch.tensor([[rows], [cols]], dtype=torch.int64), "compressed": _select(W, keep).view(rows, cols // 2),
             "bitmask": pack_bits(keep)}
 
 
@@ -112,6 +121,13 @@ def compress(fmt: str, W: Tensor) -> dict[str, Tensor]:
     if fmt == SPARSE24:
         return compress_24(W)
     raise ValueError(f"unknown sparse format {fmt}")
+
+
+def stored_values(fmt: str, parts: dict[str, Tensor]) -> int:
+    """How many of the compressed weight's entries are values (not zero bits): every stored entry of the bitmask
+    layout; in the 2:4 layout, the stored entries that are not padding zeros."""
+    values = parts["compressed"]
+    return values.numel() if fmt == BITMASK else int(_nonzero_bits(values).sum())
 
 
 def stored_bytes(parts: dict[str, Tensor]) -> int:

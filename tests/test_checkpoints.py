@@ -244,3 +244,25 @@ def test_push_without_token(tiny_model_dir, monkeypatch):
 @pytest.mark.parametrize("repo_id", ["justname", "a/b/c", "/x", "a/"])
 def test_push_bad_repo_id(tiny_model_dir, repo_id):
     assert_user_error(run("push", tiny_model_dir("llama"), repo_id), "owner/name")
+
+
+def test_tensor_reader_reads_what_safetensors_wrote_one_tensor_at_a_time(tmp_path):
+    from llmprune.checkpoint import TensorReader
+
+    tensors = {"b.weight": torch.randn(7, 5, dtype=torch.bfloat16), "a.bias": torch.arange(3, dtype=torch.int64),
+               "c.empty": torch.zeros(0, 4), "d.half": torch.randn(2, 3).half()}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with TensorReader(path) as reader, safe_open(str(path), framework="pt") as handle:
+        assert reader.keys() == list(handle.keys())
+        for key, value in tensors.items():
+            assert reader.shape(key) == tuple(value.shape) and reader.dtype(key) == value.dtype
+            assert torch.equal(reader.get_tensor(key), value)
+    path.write_bytes(path.read_bytes()[:-8])  # the last tensor's data cut short
+    with TensorReader(path) as reader:
+        last = max(reader.keys(), key=lambda k: reader._header[k]["data_offsets"][1])
+        with pytest.raises(ValueError, match="truncated"):
+            reader.get_tensor(last)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00notjs")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        TensorReader(tmp_path / "junk.safetensors")
