@@ -196,8 +196,14 @@ def prune(
                     checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
                                     targets=pruned, files=files)
             except KeyboardInterrupt:
-                raise LlmpruneError(f"interrupted while saving {target}; nothing of it was written, and every pruned "
-                                    f"block is kept in {partial}: rerun with --resume to save without pruning again.") from None
+                if run.saved_blocks == 0:
+                    run.remove()
+                    raise LlmpruneError(f"interrupted while saving {target}; nothing was written (the run was shorter than "
+                                        "--checkpoint-every, so no state was kept): run the command again.") from None
+                kept = ("every pruned block is" if run.saved_blocks == run.total
+                        else f"the first {run.saved_blocks} of {run.total} pruned blocks are")
+                raise LlmpruneError(f"interrupted while saving {target}; nothing of it was written, and {kept} kept in "
+                                    f"{partial}: rerun with --resume to continue from there.") from None
             run.remove()
         dist.barrier()
         timings["save_s"] = time.perf_counter() - t0

@@ -3,6 +3,7 @@ structurally, for any architecture (no per-model code)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -349,6 +350,13 @@ def set_weight_(module: nn.Module, W: Tensor) -> None:
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
 
 
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
 def release_mapped_(t: Tensor) -> bool:
     """Drop the whole pages of a discarded CPU tensor that lie in a private file mapping of a safetensors
     file (a memory-mapped checkpoint). Those pages hold the file's bytes or this process's copy of them;
@@ -373,9 +381,7 @@ def release_mapped_(t: Tensor) -> bool:
         if a <= lo and hi <= b:
             if len(fields) < 6 or not fields[5].endswith(".safetensors") or fields[1][3] != "p":
                 return False
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            return libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0
+            return _madvise()(lo, hi - lo, _MADV_DONTNEED) == 0
     return False
 
 

@@ -273,10 +273,11 @@ class PartialRun(BlockStore):
     `inputs-rankR.safetensors` (that rank's micro-batches of the next block's inputs) and `progress.json`
     (options, blocks saved, per-linear results), each replaced atomically, progress last.
 
-    The state is saved after a block once `every` seconds have passed since the last save, and after the last
-    block: a crash loses at most that much work, and a model whose blocks take a second each does not write its
-    activations to disk thirty times (on SmolLM2 that was 2.7 GB of writes and 7% of a Wanda run, measured).
-    Streamed blocks are written as they finish all the same, since their file is their only copy.
+    The state is saved after a block once `every` seconds have passed since the last save: a crash (or Ctrl-C while
+    saving the output) loses at most that much work, and a model whose blocks take a second each does not write
+    its activations to disk thirty times (on SmolLM2 that was 2.7 GB of writes and 7% of a Wanda run, measured),
+    nor its whole pruned weights once more at the end. Streamed blocks are written as they finish all the same,
+    since their file is their only copy, and their record is saved after the last block.
     """
 
     def __init__(self, path: Path, model: nn.Module, *, options: dict, dist: Dist = SINGLE,
@@ -399,7 +400,10 @@ class PartialRun(BlockStore):
             self._write_block(index, block)
         self.done_blocks = index + 1
         self.results.extend(asdict(r) for r in results)
-        save = self.done_blocks == self.total or time.monotonic() - self._last_save >= self.every
+        # after the last block too, only once the interval has passed: a run shorter than it is cheaper to redo than
+        # to write out (a streamed run's blocks are on disk already, so its record is brought up to date)
+        last = self.done_blocks == self.total
+        save = time.monotonic() - self._last_save >= self.every or (last and self.source is not None)
         if self.dist.active:  # every rank must take the same decision: rank 0's clock decides
             save = self.dist.broadcast_object(save, 0)
         if save:

@@ -136,8 +136,12 @@ def test_ctrl_c_while_saving_leaves_nothing(model_dir, text_file, tmp_path, monk
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
+    # a run shorter than --checkpoint-every kept no state: nothing is left behind
     assert_user_error(run(*prune_args(model_dir, text_file, out, "--method", "magnitude")), "interrupted while saving",
-                      "--resume")
+                      "nothing was written", "run the command again")
+    assert list(work.iterdir()) == []
+    assert_user_error(run(*prune_args(model_dir, text_file, out, "--method", "magnitude", "--checkpoint-every", "0")),
+                      "interrupted while saving", "every pruned block is kept", "--resume")
     assert [p.name for p in work.iterdir()] == ["out.partial"]  # no half-written output; the pruned blocks are kept
     monkeypatch.undo()
     result = run(*prune_args(model_dir, text_file, out, "--method", "magnitude", "--resume"))

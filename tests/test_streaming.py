@@ -168,7 +168,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, calib, monkeypatc
 
 
 def test_state_is_saved_at_most_every_interval(tmp_path, calib, monkeypatch):
-    """Inputs are written only when the interval has passed since the last save; the last block always saves."""
+    """Inputs are written only when the interval has passed since the last save, after the last block too."""
     model = str(sharded_model(tmp_path / "m"))
     writes = []
     original = streaming._write_inputs
