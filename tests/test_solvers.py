@@ -148,3 +148,17 @@ def test_sparsegpt_prune_many_equals_one_at_a_time(pattern, sparsities):
         assert torch.equal(alone == 0, T == 0)
         torch.testing.assert_close(alone, T, rtol=1e-5, atol=1e-5)  # GEMM blocking may reorder sums
         assert int((T == 0).sum()) == (W.numel() // 2 if pattern.structured else round(s * W.numel()))
+
+
+@pytest.mark.parametrize("n", [300, 1000, 1536])
+def test_inverse_cholesky_matches_a_float64_factorization(n):
+    from llmprune.solvers.sparsegpt import inverse_cholesky
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(4 * n, n, generator=g) * torch.rand(n, generator=g) * 3  # uneven scales, as activations have
+    M = X.T @ X / X.shape[0]
+    M.diagonal().add_(0.01 * M.diagonal().mean())
+    expected = torch.linalg.inv(torch.linalg.cholesky(M.double()))
+    got = inverse_cholesky(M)
+    assert torch.equal(got, torch.tril(got))
+    assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-5
