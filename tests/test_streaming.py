@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from conftest import byte_tokenizer, tiny_config
 from llmprune import api, streaming
 from llmprune.checkpoint import read_format, read_state_dict
+from llmprune.distributed import SINGLE
 from llmprune.errors import LlmpruneError
 
 CALIB = dict(calibration=None, nsamples=8, seqlen=32, device="cpu")
@@ -299,6 +300,27 @@ def test_offloaded_activations_give_the_two_pass_result(tmp_path, calib, monkeyp
     assert seen[0] == [f"rank0-microbatch{k:05d}.safetensors" for k in range(4)]  # 8 windows, 2 per micro-batch
     assert list(offload.iterdir()) == []  # our files are gone, the user's directory stays
     assert_same(tmp_path / "memory", tmp_path / "disk")
+
+
+def test_two_pass_runs_in_memory_when_only_lockstep_would_not_fit(tmp_path, calib, monkeypatch, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model = str(sharded_model(tmp_path / "m"))
+    api.prune(model, method="wanda", out=tmp_path / "two-pass", sequential=False, **calib)
+    api.prune(model, method="wanda", out=tmp_path / "lockstep", **calib)
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    windows = torch.zeros(calib["nsamples"], calib["seqlen"], dtype=torch.long)
+    lockstep, two_pass = (api._activation_bytes(windows, loaded, SINGLE, s) for s in (True, False))
+    assert two_pass < lockstep
+    with pytest.raises(AssertionError):  # the schedules differ, so the comparison below tells which one ran
+        assert_same(tmp_path / "two-pass", tmp_path / "lockstep")
+    monkeypatch.setattr(api, "_free_memory", lambda: (lockstep + two_pass) // 2)
+    with caplog.at_level("WARNING"):
+        _, report = api.prune(model, method="wanda", out=tmp_path / "short", **calib)
+    assert "running the two-pass schedule" in caplog.text and "offloading" not in caplog.text
+    assert any("two-pass schedule" in note for note in report["notes"])
+    assert_same(tmp_path / "two-pass", tmp_path / "short")
+    assert not (tmp_path / "short.partial").exists()
 
 
 def test_activations_go_to_disk_by_themselves_when_memory_is_short(tmp_path, calib, monkeypatch, caplog):
