@@ -70,20 +70,24 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         modules = {name for name, _ in model.named_modules()}
         also = split_experts(model) if targets and set(targets) - modules else None
+        layout = None
+        if fmt == "compressed" and targets and also is None:  # chosen from the weights in memory, as they are saved
+            by_name = dict(model.named_modules())
+            layout = formats.choose_format({t: by_name[t].weight.detach() for t in targets})
         finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules,
-                         also=also, files=files)
+                         also=also, files=files, layout=layout)
     return out
 
 
 def finish_directory(tmp: Path, *, tokenizer, report: dict, fmt: str, targets: set[str], files: dict[str, str] | None,
-                     also=None) -> None:
+                     also=None, layout: str | None = None) -> None:
     """Complete a directory that holds the dense shards and config.json: compress the targets' weights (`T.weight`
     for T in targets, as saved) when fmt is compressed, then the tokenizer, text `files` and llmprune.json."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     report["format"] = fmt
     if fmt == "compressed" and (targets or also is not None):
-        written = compress_directory(tmp, targets, also=also)
+        written = compress_directory(tmp, targets, fmt=layout, also=also)
         report["format"] = written["format"]
         sizes = written["linears"]
         report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
