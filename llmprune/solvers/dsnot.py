@@ -56,24 +56,25 @@ class DSnoTStats:
         self._H_odd = None if hessian_from is not None else torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self._row_block = max(128, -(-columns // 4 // 64) * 64)
 
-    def add_batch(self, x: Tensor) -> None:
+    def add_batch(self, x: Tensor, squares: Tensor | None = None) -> None:
+        """x: [..., seqlen, in] (or [seqlen, in]); squares: x.float().square(), where the caller has it already."""
         x = x.float()
         windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)  # [windows, seqlen, in]
+        squares = windows.square() if squares is None else squares.reshape(windows.shape)
         # per-window moments: one square and two sums (torch's var costs ~10x as much here); the variance
         # E[x²] − E[x]² is formed in fp64 from fp32 sums (relative error ~2e-7 against an fp64 var, measured)
-        s1, s2 = windows.sum(1).double(), windows.square().sum(1).double()  # [windows, in]
+        s1, s2 = windows.sum(1).double(), squares.sum(1).double()  # [windows, in]
         mean = s1 / windows.shape[1]
         self.var_sum += (s2 / windows.shape[1] - mean.square()).clamp_min(0).sum(0)
         self.sum += s1.sum(0)
         self.sq_sum += s2.sum(0)
-        parity = (torch.arange(windows.shape[0]) + self.first_window + self.windows) % 2
-        even = windows[parity == 0].reshape(-1, x.shape[-1])
-        if even.shape[0]:
-            add_upper_(self._H_even, even, self._row_block)
-        if self._H_odd is not None:
-            odd = windows[parity == 1].reshape(-1, x.shape[-1])
-            if odd.shape[0]:
-                add_upper_(self._H_odd, odd, self._row_block)
+        # window by window into its half: a window is a contiguous view, where gathering the even and the odd
+        # windows first would copy them (10-30% slower on SmolLM2's inputs, measured)
+        first = self.first_window + self.windows
+        for k in range(windows.shape[0]):
+            H = self._H_even if (first + k) % 2 == 0 else self._H_odd
+            if H is not None:
+                add_upper_(H, windows[k], self._row_block)
         self.windows += windows.shape[0]
         self.tokens += windows.shape[0] * windows.shape[1]
 
@@ -215,9 +216,13 @@ class RefinedSolver:
         self.reports: list[dict] = []  # one per pruned weight, in the order pruned; read by the caller
 
     def add_batch(self, x: Tensor) -> None:
-        if self.base.needs_data:
+        squares = None
+        if getattr(self.base, "takes_squares", False):  # both need Σx²: square the batch once
+            squares = x.float().square()
+            self.base.add_batch(x, squares=squares)
+        elif self.base.needs_data:
             self.base.add_batch(x)
-        self.stats.add_batch(x)
+        self.stats.add_batch(x, squares)
 
     def row_separable(self, pattern: Pattern) -> bool:
         return self.base.row_separable(pattern)  # DSnoT itself works row by row

@@ -20,9 +20,12 @@ class WandaSolver:
         self.sq_norms = torch.zeros(columns, dtype=torch.float64, device=device)  # [in]
         self.tokens = 0
 
-    def add_batch(self, x: Tensor) -> None:
+    takes_squares = True  # add_batch can take x² from a caller that computes it anyway (DSnoT)
+
+    def add_batch(self, x: Tensor, squares: Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        self.sq_norms += x.square().sum(0).double()
+        squares = x.square() if squares is None else squares.reshape(x.shape)
+        self.sq_norms += squares.sum(0).double()
         self.tokens += x.shape[0]
 
     def row_separable(self, pattern: Pattern) -> bool:
