@@ -122,12 +122,12 @@ def prune(
 
     model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     sequential = recipe.sequential
-    offload = _offload_directory(offload_activations, windows, model, partial, dist)
-    if offload is None and sequential and not _lockstep_fits(windows, model, dist):
+    offload = _offload_directory(offload_activations, windows, model, partial, dist, compute)
+    if offload is None and sequential and not _lockstep_fits(windows, model, dist, compute):
         notes.append("two-pass schedule: the sequential one would not fit the calibration activations in memory")
         log.warning("running the two-pass schedule: the sequential one holds every micro-batch's activations at once "
                     "(%.1f GB here), more than the %.1f GB free", _activation_bytes(windows, model, dist, True) / 1e9,
-                    (_free_memory() or 0) / 1e9)
+                    (_free_memory(compute) or 0) / 1e9)
         sequential = False
     run = None
     if target is not None:
@@ -279,23 +279,24 @@ def _activation_bytes(windows, model: nn.Module, dist, sequential: bool) -> int:
     return windows.numel() // dist.world * per_token * itemsize
 
 
-def _lockstep_fits(windows, model: nn.Module, dist) -> bool:
+def _lockstep_fits(windows, model: nn.Module, dist, device: torch.device | None = None) -> bool:
     if windows is None:
         return True
-    free = _free_memory()
+    free = _free_memory(device)
     return free is None or _activation_bytes(windows, model, dist, True) <= free
 
 
-def _offload_directory(asked, windows, model: nn.Module, partial: Path | None, dist) -> Path | None:
+def _offload_directory(asked, windows, model: nn.Module, partial: Path | None, dist,
+                       device: torch.device | None = None) -> Path | None:
     """Where calibration activations go: the asked directory, or OUT.partial/activations (a temporary
     directory without --out) when even the two-pass schedule's (see `_activation_bytes`) would take more than
-    the free memory; None to keep them in memory."""
+    the free memory of the compute device, where they live; None to keep them there."""
     if asked is not None:
         return Path(asked).expanduser()
     if windows is None:
         return None
     needed = _activation_bytes(windows, model, dist, False)
-    free = _free_memory()
+    free = _free_memory(device)
     if free is None or needed <= free:
         return None
     if partial is not None:
@@ -369,7 +370,13 @@ def _hub_snapshot(repo_id: str) -> Path | None:
     return path if list(path.glob("*.safetensors")) else None
 
 
-def _free_memory() -> int | None:
+def _free_memory(device: torch.device | None = None) -> int | None:
+    """Free bytes where tensors on `device` live: the GPU's free memory for CUDA, else the host's available memory."""
+    if device is not None and device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            return None
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:

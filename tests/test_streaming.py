@@ -314,7 +314,7 @@ def test_two_pass_runs_in_memory_when_only_lockstep_would_not_fit(tmp_path, cali
     assert two_pass < lockstep
     with pytest.raises(AssertionError):  # the schedules differ, so the comparison below tells which one ran
         assert_same(tmp_path / "two-pass", tmp_path / "lockstep")
-    monkeypatch.setattr(api, "_free_memory", lambda: (lockstep + two_pass) // 2)
+    monkeypatch.setattr(api, "_free_memory", lambda device=None: (lockstep + two_pass) // 2)
     with caplog.at_level("WARNING"):
         _, report = api.prune(model, method="wanda", out=tmp_path / "short", **calib)
     assert "running the two-pass schedule" in caplog.text and "offloading" not in caplog.text
@@ -326,7 +326,7 @@ def test_two_pass_runs_in_memory_when_only_lockstep_would_not_fit(tmp_path, cali
 def test_activations_go_to_disk_by_themselves_when_memory_is_short(tmp_path, calib, monkeypatch, caplog):
     model = str(sharded_model(tmp_path / "m"))
     api.prune(model, method="wanda", out=tmp_path / "memory", sequential=False, **calib)
-    monkeypatch.setattr(api, "_free_memory", lambda: 10_000)
+    monkeypatch.setattr(api, "_free_memory", lambda device=None: 10_000)
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
         with caplog.at_level("WARNING"), pytest.raises(LlmpruneError, match="interrupted after 2 of 4"):
@@ -335,3 +335,10 @@ def test_activations_go_to_disk_by_themselves_when_memory_is_short(tmp_path, cal
     api.prune(model, method="wanda", out=tmp_path / "disk", resume=True, **calib)
     assert_same(tmp_path / "memory", tmp_path / "disk")
     assert not (tmp_path / "disk.partial").exists()
+
+
+def test_free_memory_is_asked_of_the_device_that_holds_the_activations(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3_000_000_000, 80_000_000_000))
+    assert api._free_memory(torch.device("cuda", 0)) == 3_000_000_000
+    host = api._free_memory(torch.device("cpu"))
+    assert host is None or host != 3_000_000_000
