@@ -57,7 +57,7 @@ def prune(
     checkpoint_every: Optional[float] = typer.Option(None, "--checkpoint-every", min=0, help="Least seconds between two saves of the run's state in OUT.partial/ (0: after every block); a crash or Ctrl-C loses at most this much work. [default: 60]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run kept in OUT.partial/ (same options) after its last finished block."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read one decoder block at a time from the safetensors shards, so memory holds about one block, not the model. [default: when the model would take over half the free memory]"),
-    offload_activations: Optional[str] = typer.Option(None, "--offload-activations", help="Keep the calibration activations in this directory, one micro-batch in memory at a time (runs the two-pass schedule). [default: in OUT.partial/ when they would not fit in memory]"),
+    offload_activations: Optional[str] = typer.Option(None, "--offload-activations", help="Keep the calibration activations in this directory, one micro-batch in memory at a time (runs the two-pass schedule). [default: in OUT.partial/ when they would not fit in memory; where only the two-pass schedule's fit, it runs in memory]"),
     format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
     overwrite: bool = OVERWRITE,
     allow_pickle: bool = ALLOW_PICKLE,
