@@ -121,14 +121,10 @@ def prune(
         timings["data_s"] = time.perf_counter() - t0
 
     model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    sequential = recipe.sequential
-    offload = _offload_directory(offload_activations, windows, model, partial, dist, compute)
-    if offload is None and sequential and not _lockstep_fits(windows, model, dist, compute):
+    offload, sequential = _place_activations(offload_activations, windows, model, partial, dist, compute,
+                                             recipe.sequential)
+    if offload is None and sequential != recipe.sequential:
         notes.append("two-pass schedule: the sequential one would not fit the calibration activations in memory")
-        log.warning("running the two-pass schedule: the sequential one holds every micro-batch's activations at once "
-                    "(%.1f GB here), more than the %.1f GB free", _activation_bytes(windows, model, dist, True) / 1e9,
-                    (_free_memory(compute) or 0) / 1e9)
-        sequential = False
     run = None
     if target is not None:
         options = {"model": source["spec"], "recipe": recipe.to_dict(), "seqlen": seqlen, "dtype": model_dtype,
@@ -279,26 +275,27 @@ def _activation_bytes(windows, model: nn.Module, dist, sequential: bool) -> int:
     return windows.numel() // dist.world * per_token * itemsize
 
 
-def _lockstep_fits(windows, model: nn.Module, dist, device: torch.device | None = None) -> bool:
-    if windows is None:
-        return True
-    free = _free_memory(device)
-    return free is None or _activation_bytes(windows, model, dist, True) <= free
-
-
-def _offload_directory(asked, windows, model: nn.Module, partial: Path | None, dist,
-                       device: torch.device | None = None) -> Path | None:
-    """Where calibration activations go: the asked directory, or OUT.partial/activations (a temporary
-    directory without --out) when even the two-pass schedule's (see `_activation_bytes`) would take more than
-    the free memory of the compute device, where they live; None to keep them there."""
+def _place_activations(asked, windows, model: nn.Module, partial: Path | None, dist, device: torch.device,
+                       sequential: bool) -> tuple[Path | None, bool]:
+    """(where the calibration activations go, whether the sequential schedule runs): the asked directory; else in
+    memory (on the compute device, where they live) with the asked schedule when its activations fit (see
+    `_activation_bytes`), in memory with the two-pass schedule when only its activations fit, and otherwise in
+    OUT.partial/activations (a temporary directory without --out), one micro-batch in memory at a time."""
     if asked is not None:
-        return Path(asked).expanduser()
+        return Path(asked).expanduser(), sequential
     if windows is None:
-        return None
-    needed = _activation_bytes(windows, model, dist, False)
+        return None, sequential
     free = _free_memory(device)
-    if free is None or needed <= free:
-        return None
+    if free is None:
+        return None, sequential
+    if _activation_bytes(windows, model, dist, sequential) <= free:
+        return None, sequential
+    needed = _activation_bytes(windows, model, dist, False)
+    if needed <= free:
+        log.warning("running the two-pass schedule: the sequential one holds every micro-batch's activations at once "
+                    "(%.1f GB here), more than the %.1f GB free", _activation_bytes(windows, model, dist, True) / 1e9,
+                    free / 1e9)
+        return None, False
     if partial is not None:
         where = partial / "activations"
     else:
@@ -307,7 +304,7 @@ def _offload_directory(asked, windows, model: nn.Module, partial: Path | None, d
         where = Path(tempfile.mkdtemp(prefix="llmprune-activations-"))
     log.warning("offloading the calibration activations to %s: they would take %.1f GB, %.1f GB is free", where,
                 needed / 1e9, free / 1e9)
-    return where
+    return where, sequential
 
 
 def _clean_offload(offload: Path | None, *, asked: bool, dist) -> None:

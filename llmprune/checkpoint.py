@@ -68,13 +68,12 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-        modules = {name for name, _ in model.named_modules()}
-        also = split_experts(model) if targets and set(targets) - modules else None
+        modules = dict(model.named_modules())
+        also = split_experts(model) if targets and set(targets) - modules.keys() else None
         layout = None
         if fmt == "compressed" and targets and also is None:  # chosen from the weights in memory, as they are saved
-            by_name = dict(model.named_modules())
-            layout = formats.choose_format({t: by_name[t].weight.detach() for t in targets})
-        finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules,
+            layout = formats.choose_format({t: modules[t].weight.detach() for t in targets})
+        finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules.keys(),
                          also=also, files=files, layout=layout)
     return out
 

@@ -254,24 +254,21 @@ class RefinedSolver:
             mask = W_s == 0
             new_mask = dsnot_mask(W, mask, self.stats, pattern, self.config, kept_values=W_s)
             W_r = torch.where(new_mask, torch.zeros_like(W_s), torch.where(mask, W, W_s))
-            moved = (new_mask != mask).any(1).nonzero().squeeze(1)  # rows DSnoT changed; the others stay as they are
-            better = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
-            before, change = 0, torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
-            moved_better = torch.ones(moved.numel(), dtype=torch.bool, device=W.device)
-            moved_change = 0
+            moved = (new_mask != mask).any(1).nonzero().squeeze(1)  # rows DSnoT changed: only these can improve
+            before, change, clear = 0, 0, torch.ones(moved.numel(), dtype=torch.bool, device=W.device)
             for H in halves:
                 half_before = output_error(W, W_s, H)
                 half_change = error_change(W[moved], W_s[moved], W_r[moved], H)
-                moved_better &= half_change < -RELATIVE_MARGIN * half_before[moved]  # a clear drop on this half, not noise
-                before, moved_change = before + half_before, moved_change + half_change
-            better[moved] = moved_better
-            change[moved] = moved_change
+                clear &= half_change < -RELATIVE_MARGIN * half_before[moved]  # a clear drop on this half, not float noise
+                before, change = before + half_before, change + half_change
+            better = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
+            better[moved[clear]] = True
             final = torch.where(better[:, None], W_r, W_s)
             self.reports.append({
                 "rows_refined": int(better.sum()), "rows": W.shape[0],
                 "swaps": int((new_mask & ~mask)[better].sum()),
                 "error_before": float(before.double().sum()),
-                "error_after": float((before.double() + torch.where(better, change, 0).double()).sum()),
+                "error_after": float(before.double().sum() + change[clear].double().sum()),
             })
             out.append(final)
         return out
