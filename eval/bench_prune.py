@@ -11,6 +11,7 @@ running the `lib/` folder of the DSnoT paper's repository.
     python eval/bench_prune.py --text ../shared/data/wikitext2/valid.txt \
         [--reference /tmp/ref --harness ../shared/anchors/reference_harness.py] [--runs wanda:unstructured,...]
         [--llmcompressor /tmp/lcvenv/bin/python]   # llm-compressor's oneshot beside (eval/llmcompressor_run.py)
+        [--seeds 0,1,2]   # every run once per calibration seed, with each cell's mean and range
 
 Runs are METHOD:PATTERN[@SPARSITY][+two-pass][+owl][+dsnot]; `--grid wanda,sparsegpt` gives the high-sparsity
 table of the README (each method at 50/60/70% × uniform/OWL × without/with DSnoT). Reference runs exist for
@@ -91,6 +92,8 @@ def main() -> None:
                     help="the Python of an environment with llm-compressor (see eval/llmcompressor_run.py): adds its "
                          "oneshot run (sequential pipeline, the same calibration tokens) beside each uniform SparseGPT or "
                          "Wanda run without DSnoT")
+    ap.add_argument("--seeds", default="0", help="comma-separated calibration seeds: each run is repeated for each, and "
+                    "the summary gives every cell's mean and range (the reference harness samples with seed 0 only)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -118,7 +121,10 @@ def main() -> None:
     exe = [sys.executable, "-m", "llmprune"]
     results = []
     runs = grid(args.grid) if args.grid else args.runs.split(",")
-    for run in runs:
+    seeds = [int(v) for v in args.seeds.split(",")]
+    if "--seed" in args.extra.split():
+        raise SystemExit("pass the seeds with --seeds, not in --extra")
+    for run, seed in ((run, seed) for run in runs for seed in seeds):
         run, *options = run.split("+")  # e.g. wanda:2:4+two-pass, wanda:unstructured@0.7+owl+dsnot
         run, _, level = run.partition("@")
         method, pattern = run.split(":", 1)
@@ -129,15 +135,20 @@ def main() -> None:
         sparsity = float(level) if level else 0.5
         row = {"method": method, "pattern": pattern, "sparsity_target": sparsity, "schedule": schedule or "sequential",
                "allocation": "owl" if "owl" in options else "uniform", "refine": "dsnot" if "dsnot" in options else "none"}
+        if method != "dense":
+            row["seed"] = seed
+        elif seed != seeds[0]:
+            continue  # the dense model needs no calibration
         if method == "dense":
             _, _, out = run_measured([*exe, "eval", args.model, "--ppl", str(held_out), "--seqlen", str(args.seqlen),
                                       "--max-windows", str(args.neval), "--json", "--device", "cpu"])
             row["ppl"] = json.loads(out)["models"][0]["ppl"]
         else:
-            out_dir = work / "-".join([method, pattern.replace(":", "of"), f"{sparsity:g}", *options])
+            out_dir = work / "-".join([method, pattern.replace(":", "of"), f"{sparsity:g}", *options, f"seed{seed}"])
             cmd = [*exe, "prune", args.model, "--method", method, "--pattern", pattern, "--calib", str(calib),
                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out_dir), "--json",
                    "--device", "cpu", *args.extra.split(), *(["--two-pass"] if schedule == "two-pass" else []),
+                   *(["--seed", str(seed)] if len(seeds) > 1 or seed != 0 else []),
                    *(["--sparsity", str(sparsity)] if pattern == "unstructured" else []),
                    "--allocation", row["allocation"], "--refine", row["refine"]]
             seconds, rss, out = run_measured(cmd)
@@ -149,7 +160,7 @@ def main() -> None:
                        peak_rss_mib=rss, sparsity=report["sparsity"])
             if refined:
                 row["dsnot_rows_refined"] = sum(r["rows_refined"] for r in refined) / sum(r["rows"] for r in refined)
-        if args.reference and schedule != "two-pass" and row["allocation"] == "uniform":
+        if args.reference and schedule != "two-pass" and row["allocation"] == "uniform" and seed == 0:
             ref_method = "dense" if method == "dense" else ("dsnot" if row["refine"] == "dsnot" else method)
             cmd = [sys.executable, args.harness, args.reference, ref_method, pattern if pattern != "-" else "unstructured",
                    "--model", hf_dir, "--calib-file", str(calib), "--eval-file", str(held_out), "--sparsity", str(sparsity),
@@ -159,7 +170,7 @@ def main() -> None:
             ref = json.loads(out.strip().splitlines()[-1])
             row.update(ref_ppl=ref["ppl"], ref_prune_s=ref["prune_s"], ref_peak_rss_mib=rss)
         if (args.llmcompressor and method in ("sparsegpt", "wanda") and schedule != "two-pass"
-                and row["allocation"] == "uniform" and row["refine"] == "none"):
+                and row["allocation"] == "uniform" and row["refine"] == "none" and seed == 0):
             lc_dir = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}-{sparsity:g}"
             _, rss, out = run_measured([args.llmcompressor, str(Path(__file__).with_name("llmcompressor_run.py")), hf_dir,
                                         str(windows), method, pattern, str(sparsity), str(lc_dir)])
@@ -188,6 +199,16 @@ def main() -> None:
             print(f"{'':<10} llm-compressor {r['lc_version']}: ppl {r['lc_ppl']:.2f} ({(r['ppl'] / r['lc_ppl'] - 1) * 100:+.1f}% ours), "
                   f"prune {r['lc_prune_s']:.1f} s (ours, whole command / its prune: {r['command_s'] / r['lc_prune_s']:.2f}), "
                   f"RSS {r['lc_peak_rss_mib']:.0f} MiB")
+    if len(seeds) > 1:
+        print(f"\nover seeds {args.seeds}: mean perplexity (lowest-highest)")
+        cells: dict[tuple, list[float]] = {}
+        for r in results:
+            if "seed" in r:
+                key = (r["method"], r["pattern"], r["sparsity_target"], r["allocation"], r["refine"], r["schedule"])
+                cells.setdefault(key, []).append(r["ppl"])
+        for key, ppls in cells.items():
+            print(f"{key[0]:<10} {key[1]:<13} {key[2]:>6g} {key[3]:<7} {key[4]:<6} {key[5]:<10} "
+                  f"{sum(ppls) / len(ppls):>9.2f} ({min(ppls):.2f}-{max(ppls):.2f}, {len(ppls)} seeds)")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
 
