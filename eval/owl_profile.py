@@ -37,7 +37,7 @@ def main() -> None:
     profile = {}
     for m in (float(v) for v in args.ms.split(",")):
         ratios, sizes = calibrate.outlier_ratios(model, windows, m=m)
-        sparsities = allocation.owl(ratios, args.sparsity, lam=args.lam, weights=sizes)
+        sparsities = allocation.owl_blocks(ratios, sizes, args.sparsity, lam=args.lam)
         profile[f"{m:g}"] = {"outlier_ratios": ratios, "block_sparsity": sparsities}
         print(f"M = {m:g}: outlier ratio (%) by block: " + " ".join(f"{100 * r:.2f}" for r in ratios))
         print(f"        OWL sparsity by block:     " + " ".join(f"{s:.3f}" for s in sparsities))

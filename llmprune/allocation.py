@@ -44,3 +44,14 @@ def owl(ratios: Sequence[float], target: float, *, lam: float = OWL_LAMBDA,
         raise LlmpruneError(f"OWL with λ={lam:g} around sparsity {target:g} gives block sparsities from {low:.3f} to "
                             f"{high:.3f}, outside [0, 1); lower --owl-lambda below {min(target, 1 - target):g}.")
     return [float(s) for s in sparsities]
+
+
+def owl_blocks(ratios: Sequence[float], sizes: Sequence[int], target: float, *, lam: float = OWL_LAMBDA) -> list[float]:
+    """OWL's sparsity for every decoder block from its outlier ratio and number of prunable weights; a block with
+    nothing to prune gets 0 and no share of the target."""
+    live = [i for i, size in enumerate(sizes) if size]
+    chosen = owl([ratios[i] for i in live], target, lam=lam, weights=[sizes[i] for i in live])
+    sparsities = [0.0] * len(sizes)
+    for i, value in zip(live, chosen):
+        sparsities[i] = value
+    return sparsities

@@ -288,13 +288,13 @@ def _place_activations(asked, windows, model: nn.Module, partial: Path | None, d
     free = _free_memory(device)
     if free is None:
         return None, sequential
-    if _activation_bytes(windows, model, dist, sequential) <= free:
+    asked_bytes = _activation_bytes(windows, model, dist, sequential)
+    if asked_bytes <= free:
         return None, sequential
-    needed = _activation_bytes(windows, model, dist, False)
-    if needed <= free:
+    needed = _activation_bytes(windows, model, dist, False) if sequential else asked_bytes
+    if needed <= free:  # only with sequential asked: two-pass needs less
         log.warning("running the two-pass schedule: the sequential one holds every micro-batch's activations at once "
-                    "(%.1f GB here), more than the %.1f GB free", _activation_bytes(windows, model, dist, True) / 1e9,
-                    free / 1e9)
+                    "(%.1f GB here), more than the %.1f GB free", asked_bytes / 1e9, free / 1e9)
         return None, False
     if partial is not None:
         where = partial / "activations"
@@ -390,11 +390,7 @@ def _owl(model, windows, recipe: Recipe, microbatch: int | None, device, store, 
 
     ratios, sizes = calibrate.outlier_ratios(model, windows, m=recipe.owl_m, ignore=recipe.ignore, targets=recipe.targets,
                                              microbatch=microbatch, device=device, store=store, dist=dist, offload=offload)
-    live = [i for i, size in enumerate(sizes) if size]
-    chosen = allocation.owl([ratios[i] for i in live], recipe.sparsity, lam=recipe.owl_lambda, weights=[sizes[i] for i in live])
-    block_sparsity = [0.0] * len(sizes)
-    for i, value in zip(live, chosen):
-        block_sparsity[i] = value
+    block_sparsity = allocation.owl_blocks(ratios, sizes, recipe.sparsity, lam=recipe.owl_lambda)
     log.info("OWL block sparsities: %s", ", ".join(f"{v:.3f}" for v in block_sparsity))
     return {"method": "owl", "m": recipe.owl_m, "lambda": recipe.owl_lambda, "outlier_ratios": ratios,
             "block_sparsity": block_sparsity}

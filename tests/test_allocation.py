@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmprune.allocation import outlier_ratio, owl
+from llmprune.allocation import outlier_ratio, owl, owl_blocks
 from llmprune.errors import LlmpruneError
 
 
@@ -45,3 +45,12 @@ def test_equal_ratios_give_the_target_everywhere():
 def test_a_lambda_that_leaves_zero_one_is_an_error():
     with pytest.raises(LlmpruneError, match="owl-lambda"):
         owl([0.0, 1.0], 0.95, lam=0.08)
+
+
+def test_owl_blocks_leaves_blocks_without_targets_out_of_the_allocation():
+    ratios, sizes = [0.02, 0.5, 0.01, 0.03], [100, 0, 300, 100]
+    sparsities = owl_blocks(ratios, sizes, 0.7, lam=0.08)
+    assert sparsities[1] == 0.0
+    live = [0, 2, 3]
+    assert sparsities[:1] + sparsities[2:] == owl([ratios[i] for i in live], 0.7, lam=0.08, weights=[sizes[i] for i in live])
+    assert abs(sum(sparsities[i] * sizes[i] for i in live) / sum(sizes[i] for i in live) - 0.7) < 1e-12
