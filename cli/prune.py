@@ -58,7 +58,7 @@ def prune(
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run kept in OUT.partial/ (same options) after its last finished block."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read one decoder block at a time from the safetensors shards, so memory holds about one block, not the model. [default: when the model would take over half the free memory]"),
     offload_activations: Optional[str] = typer.Option(None, "--offload-activations", help="Keep the calibration activations in this directory, one micro-batch in memory at a time (runs the two-pass schedule). [default: in OUT.partial/ when they would not fit in memory; where only the two-pass schedule's fit, it runs in memory]"),
-    format: str = typer.Option("compressed", "--format", help="compressed (compressed-tensors sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller) or dense (zeros stored; loads with plain transformers)."),
+    format: str = typer.Option("compressed", "--format", help="compressed (llmprune's sparse layout: 2:4 → sparse-24-bitmask, else sparse-bitmask; smaller; loads with llmprune, or transformers after `import llmprune`), dense (zeros stored; loads anywhere) or compressed-tensors (compressed-tensors 0.14's exact layout, for transformers 4 with compressed-tensors <= 0.14)."),
     overwrite: bool = OVERWRITE,
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,

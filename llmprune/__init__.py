@@ -1,7 +1,62 @@
 """llmprune: one-shot LLM pruning (SparseGPT, Wanda, magnitude) for any decoder model."""
 __version__ = "0.1.0"
 
+import importlib.abc  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
 from llmprune.errors import LlmpruneError  # noqa: E402
+
+
+def _register_with_transformers() -> None:
+    """Make transformers' from_pretrained load llmprune checkpoints (hf.py). Never breaks the import it rides on."""
+    try:
+        from llmprune import hf
+
+        hf.register()
+    except Exception as exc:  # an unexpected transformers: plain transformers still refuses our files (formats.GUARD)
+        import logging
+
+        logging.getLogger(__name__).warning("llmprune could not register its loader with transformers (%s); "
+                                            "use llmprune.load for compressed checkpoints", exc)
+
+
+class _AfterTransformersImport(importlib.abc.MetaPathFinder):
+    """Registers with transformers right after `import transformers` runs, so that `import llmprune` stays cheap
+    (transformers' quantizer registry costs ~4 s to import; the CLI's --help must not pay it)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):  # resource readers and the like come from the real loader
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = self.loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _register_with_transformers()
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _AfterTransformersImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterTransformersImport())
 
 
 def prune(*args, **kwargs):

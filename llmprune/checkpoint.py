@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import logging
+
 import torch
 from torch import Tensor
 
@@ -18,9 +20,13 @@ from llmprune import formats
 from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern, parse_pattern, pattern_holds
 
+log = logging.getLogger(__name__)
+
 REPORT_FILE = "llmprune.json"
 SHARD_SIZE = "2GB"  # saved shards stay small, so rewriting one compressed holds little beside the model
-OUTPUT_FORMATS = ("dense", "compressed")
+OUTPUT_FORMATS = ("dense", "compressed", "compressed-tensors")
+# what each output format writes: (config block, tensors); "compressed" is llmprune's own block (formats.py)
+CONFIG_BLOCK = {"compressed": formats.LLMPRUNE, "compressed-tensors": formats.COMPRESSED_TENSORS}
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -35,8 +41,12 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
 
 def check_format(fmt: str) -> str:
     if fmt not in OUTPUT_FORMATS:
-        raise LlmpruneError(f"unknown --format '{fmt}'; choose dense (zeros stored, loads anywhere) or compressed "
-                            "(compressed-tensors sparse layout, smaller).")
+        raise LlmpruneError(f"unknown --format '{fmt}'; choose dense (zeros stored, loads anywhere), compressed "
+                            "(smaller; loads with llmprune, or transformers after `import llmprune`) or compressed-tensors "
+                            "(compressed-tensors 0.14's exact layout, for transformers 4 with compressed-tensors <= 0.14).")
+    if fmt == "compressed-tensors":
+        log.warning("writing compressed-tensors 0.14's layout: transformers with compressed-tensors 0.15 or newer loads it "
+                    "with random weights in the pruned linears; --format compressed is the layout that never loads wrong")
     return fmt
 
 
@@ -62,32 +72,59 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
 
 def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "compressed",
          targets: set[str] | None = None, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
-    """Write the model to `out`: dense (zeros where pruned) or compressed (targets = module paths of the
-    pruned linears, stored in the compressed-tensors sparse layout), plus text `files` by name. Atomic."""
+    """Write the model to `out`: dense (zeros where pruned) or compressed (targets = names of the pruned linears,
+    module paths or expert projections `EXPERTS.PARAM.E`, stored in a sparse layout: see OUTPUT_FORMATS), plus text
+    `files` by name. Atomic."""
     check_format(fmt)
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         modules = dict(model.named_modules())
-        also = split_experts(model) if targets and set(targets) - modules.keys() else None
-        layout = None
-        if fmt == "compressed" and targets and also is None:  # chosen from the weights in memory, as they are saved
-            layout = formats.choose_format({t: modules[t].weight.detach() for t in targets})
+        experts = set(targets or ()) - modules.keys()
+        also = fused = layout = None
+        if fmt != "dense" and experts:
+            if CONFIG_BLOCK[fmt] == formats.LLMPRUNE:
+                from llmprune import models
+
+                fused = fused_experts(experts, lambda name: model.get_parameter(name).detach(),
+                                      lambda name: models.stored_names(model, name))
+            else:
+                also = split_experts(model)
+        if fmt != "dense" and targets and also is None:  # chosen from the weights in memory, as they are saved
+            weights = {t: modules[t].weight.detach() for t in targets if t in modules}
+            weights.update({name: get() for name, (get, _) in (fused or {}).items()})
+            layout = formats.choose_format(weights) if weights else None
         finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules.keys(),
-                         also=also, files=files, layout=layout)
+                         also=also, fused=fused, files=files, layout=layout)
     return out
 
 
+def fused_experts(names: set[str], tensor_of: Callable[[str], Tensor],
+                  stored_keys: Callable[[str], list[str]]) -> dict[str, tuple[Callable[[], Tensor], list[str]]]:
+    """For llmprune's layout, which stores a fused experts parameter whole: {parameter name: (a getter of its tensor,
+    the names the dense checkpoint stores it under, one per expert)} for the parameters that hold the expert
+    projections `names` (`EXPERTS.PARAM.E`) and have enough zeros to be worth compressing."""
+    fused = {}
+    for param_name in sorted({name.rpartition(".")[0] for name in names}):
+        tensor = tensor_of(param_name)
+        if _worth_compressing(tensor.reshape(-1, tensor.shape[-1])):
+            fused[param_name] = (lambda param_name=param_name: tensor_of(param_name), stored_keys(param_name))
+    return fused
+
+
 def finish_directory(tmp: Path, *, tokenizer, report: dict, fmt: str, targets: set[str], files: dict[str, str] | None,
-                     also=None, layout: str | None = None) -> None:
+                     also=None, fused=None, layout: str | None = None) -> None:
     """Complete a directory that holds the dense shards and config.json: compress the targets' weights (`T.weight`
-    for T in targets, as saved) when fmt is compressed, then the tokenizer, text `files` and llmprune.json."""
+    for T in targets, as saved; `also` and `fused` as compress_directory takes them) unless fmt is dense, then the
+    tokenizer, text `files` and llmprune.json."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     report["format"] = fmt
-    if fmt == "compressed" and (targets or also is not None):
-        written = compress_directory(tmp, targets, fmt=layout, also=also)
+    report["layout"] = "dense"
+    if fmt != "dense" and (targets or also is not None or fused):
+        written = compress_directory(tmp, targets, fmt=layout, also=also, fused=fused, block=CONFIG_BLOCK[fmt])
         report["format"] = written["format"]
+        report["layout"] = CONFIG_BLOCK[fmt]
         sizes = written["linears"]
         report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
                            "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
@@ -115,7 +152,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
     report_path = source / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     targets = None
-    if fmt == "compressed":
+    if fmt != "dense":
         blocks_name, blocks = models.find_blocks(model)
         names = {name for i, block in enumerate(blocks) for name in models.find_linears(block, f"{blocks_name}.{i}")}
         modules = dict(model.named_modules())
@@ -178,57 +215,125 @@ def record_eval(directory: str | os.PathLike, results: dict) -> bool:
 # ---- compressed checkpoints: reading, writing, building the model ----------------------------------
 
 
-def read_format(directory: str | Path) -> str | None:
-    """The sparse format a checkpoint declares (None: an ordinary dense checkpoint)."""
+def read_config(directory: str | Path) -> dict | None:
+    """config.json as a dict (None where there is none); damaged or not an object is a one-line error."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmpruneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the checkpoint is corrupted.") from None
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise LlmpruneError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}{where}); the checkpoint is corrupted: "
+                            "download or save it again.") from None
+    except OSError as exc:
+        raise LlmpruneError(f"could not read {path} ({exc.strerror or exc}).") from None
+    if not isinstance(config, dict):
+        raise LlmpruneError(f"{path} holds a JSON {type(config).__name__}, not a model config object; the checkpoint "
+                            "is corrupted: download or save it again.")
+    return config
+
+
+def read_layout(directory: str | Path) -> tuple[str, str] | None:
+    """(config block, tensor format) a checkpoint declares: (formats.LLMPRUNE | formats.COMPRESSED_TENSORS,
+    sparse-bitmask | sparse-24-bitmask | dense); None for an ordinary dense checkpoint."""
+    config = read_config(directory)
+    qc = (config or {}).get("quantization_config")
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method")
+    if method == formats.LLMPRUNE:
+        fmt = qc.get("format")
+        if fmt not in (formats.BITMASK, formats.SPARSE24):
+            raise LlmpruneError(f"config.json of {directory} names the llmprune format '{fmt}', which this llmprune does not "
+                                f"know; it reads {formats.BITMASK} and {formats.SPARSE24} (pip install -U llmprune).")
+        if not isinstance(qc.get("layout_version"), int) or qc["layout_version"] > formats.LAYOUT_VERSION:
+            raise LlmpruneError(f"{directory} has llmprune layout version {qc.get('layout_version')!r}; this llmprune reads "
+                                f"up to {formats.LAYOUT_VERSION}: pip install -U llmprune.")
+        return formats.LLMPRUNE, fmt
+    if method != formats.COMPRESSED_TENSORS:
         return None
     if qc.get("config_groups"):
         raise LlmpruneError(f"{directory} is quantized with compressed-tensors; llmprune reads sparse-only checkpoints "
                             "(dense, sparse-bitmask, sparse-24-bitmask).")
     sc = qc.get("sparsity_config") or {}
-    fmt = sc.get("format", formats.DENSE) if sc else formats.DENSE
+    fmt = sc.get("format", formats.DENSE) if isinstance(sc, dict) and sc else formats.DENSE
     if fmt not in formats.FORMATS:
         raise LlmpruneError(f"config.json of {directory} names the sparsity format '{fmt}', which llmprune does not know; "
                             f"it reads {', '.join(formats.FORMATS)}.")
-    return fmt
+    return formats.COMPRESSED_TENSORS, fmt
+
+
+def read_format(directory: str | Path) -> str | None:
+    """The sparse tensor format a checkpoint declares (None: an ordinary dense checkpoint)."""
+    layout = read_layout(directory)
+    return None if layout is None else layout[1]
+
+
+def loads_with(directory: str | Path) -> str:
+    """What loads this checkpoint, for `llmprune info` and error messages."""
+    layout = read_layout(directory)
+    if layout is None:
+        return "dense safetensors: loads anywhere (plain transformers, vLLM, llmprune)"
+    if layout[0] == formats.LLMPRUNE:
+        return ("llmprune's compressed layout: loads with llmprune.load, or with transformers' from_pretrained after "
+                "`import llmprune`; plain transformers stops with an error naming llmprune. For tools without llmprune: "
+                "llmprune convert DIR --format dense --out DENSE_DIR")
+    return ("compressed-tensors 0.14's layout: loads with llmprune.load, or with transformers 4 and compressed-tensors <= 0.14; "
+            "transformers with a newer compressed-tensors loads random weights into its pruned linears, so convert it: "
+            "llmprune convert DIR --format compressed --out DIR2")
 
 
 # ---- safetensors ----------------------------------------------------------------------------------------
 
 
+_INDEXES = (formats.WEIGHTS_INDEX, "model.safetensors.index.json")
+
+
 def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names (checked: a JSON weight map of file names in
+    the directory), else every *.safetensors in it."""
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for name in _INDEXES:
+        index = directory / name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n.endswith(".safetensors") and "/" not in n
+                                                           and "\\" not in n and not n.startswith(".") for n in names):
+                raise ValueError("the weight map must name .safetensors files in this directory")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise LlmpruneError(f"{index} is not a valid safetensors index ({_first_line(exc)}); the checkpoint is corrupted: "
+                                "download or save it again.") from None
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise LlmpruneError(f"{directory}: shard {missing[0]} named by {name} is missing; download or save the "
+                                "checkpoint again.")
         return [directory / n for n in names]
     return sorted(directory.glob("*.safetensors"))
 
 
-def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
-    """Every tensor of a checkpoint, with compressed weights decompressed to `PATH.weight`."""
-    from safetensors import SafetensorError, safe_open
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple]]:
+    """{tensor name: (dtype, shape)} of a safetensors file, from its header alone; a file that is not one, is cut
+    short or lies about its sizes is a one-line error."""
+    with TensorReader(path) as handle:
+        return {key: (handle.dtype(key), handle.shape(key)) for key in handle.keys()}
 
+
+def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint, with compressed weights decompressed to `PATH.weight` (or, for a fused
+    parameter stored whole, to `PATH`)."""
     files = weight_files(directory)
     if not files:
         raise LlmpruneError(f"{directory} holds no .safetensors weights; is it a model directory?")
     params = formats.PARAMS.get(fmt, ())
     tensors: dict[str, Tensor] = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise LlmpruneError(f"could not read {file.name} ({_first_line(exc)}); the file is truncated or corrupted.") from None
+        with TensorReader(file) as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
     if not params:
         return tensors
     groups: dict[str, dict[str, Tensor]] = {}
@@ -241,10 +346,8 @@ def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
             out[key] = value
     for prefix, parts in groups.items():
         prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
-        missing = [p for p in ("shape", "compressed", "bitmask") if p not in parts]
-        if missing:
-            raise LlmpruneError(f"{prefix}: compressed weight lacks {', '.join(missing)}; the checkpoint is corrupted.")
-        out[f"{prefix}.weight"] = formats.decompress(fmt, parts, prefix)
+        W = formats.decompress(fmt, parts, prefix)
+        out[f"{prefix}.weight" if W.dim() == 2 else prefix] = W
     return out
 
 
@@ -269,22 +372,33 @@ def return_freed_memory() -> None:
         pass
 
 
-def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None) -> dict:
-    """Rewrite the dense safetensors of a saved model in place: every `T.weight` with T in targets (or for which
-    also(key, tensor) holds) is stored compressed, and config.json gets the compressed-tensors block. Returns
-    sizes per target. Reads one tensor at a time and holds one file's compressed tensors at most.
+def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None, fused=None,
+                       block: str = formats.LLMPRUNE) -> dict:
+    """Rewrite the dense safetensors of a saved model into a sparse layout: every `T.weight` with T in targets (or for
+    which also(key, tensor) holds) is stored compressed, and config.json gets the `block` (formats.LLMPRUNE or
+    formats.COMPRESSED_TENSORS). `fused` maps a fused experts parameter's name to (a getter of its tensor, the
+    per-expert names it is stored under): llmprune's block stores it whole, compressed under its own name, in place
+    of those. llmprune's block writes the files under new names (formats.WEIGHTS_STEM; transformers must not find
+    them by itself), compressed-tensors' in place. Reads one tensor at a time and holds one file's compressed
+    tensors at most. Returns the format and sizes per compressed weight.
 
     `directory` must be a temporary directory the caller renames when complete (see checkpoint.py).
     """
     return_freed_memory()  # each weight's temporaries would otherwise stay resident beside the kept parts
     directory = Path(directory)
+    fused = fused or {}
     files = weight_files(directory)
+    dropped = {key: name for name, (_, keys) in fused.items() for key in keys}
     chosen: set[str] = set()
     linears: set[str] = set()
+    home: dict[str, Path] = {}  # fused parameter -> the file that held its first stored tensor
     all_24 = True
     for file in files:  # first pass: which weights, and whether every one of them holds 2:4
         with TensorReader(file) as handle:
             for key in handle.keys():
+                if key in dropped:
+                    home.setdefault(dropped[key], file)
+                    continue
                 if not key.endswith(".weight") or len(handle.shape(key)) != 2:
                     continue
                 stem = key[: -len(".weight")]
@@ -295,37 +409,67 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
                     all_24 = all_24 and fmt is None and formats.choose_format({stem: W}) == formats.SPARSE24
     if not set(targets) <= chosen:
         raise ValueError(f"weights not found in the checkpoint: {sorted(set(targets) - chosen)[:5]}")
+    if set(fused) - home.keys():
+        raise ValueError(f"stored experts not found in the checkpoint: {sorted(set(fused) - home.keys())[:5]}")
+    if fmt is None:
+        all_24 = all_24 and all(formats.choose_format({name: get()}) == formats.SPARSE24 for name, (get, _) in fused.items())
     fmt = fmt or (formats.SPARSE24 if all_24 else formats.BITMASK)
     sizes: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     zeros = total = 0
-    for file in files:
+
+    def compressed(stem: str, value: Tensor) -> list:
+        nonlocal zeros, total
+        parts = formats.compress(fmt, value)
+        sizes[stem] = {"dense_bytes": value.numel() * value.element_size(), "stored_bytes": formats.stored_bytes(parts)}
+        zeros += value.numel() - formats.stored_values(fmt, parts)
+        total += value.numel()
+        return [(f"{stem}.{part}", t.dtype, tuple(t.shape), lambda t=t: t) for part, t in parts.items()]
+
+    renamed = block == formats.LLMPRUNE
+    for k, file in enumerate(files):
+        target = file
+        if renamed:
+            stem = formats.WEIGHTS_STEM
+            target = directory / (f"{stem}.safetensors" if len(files) == 1 else f"{stem}-{k + 1:05d}-of-{len(files):05d}.safetensors")
         with TensorReader(file) as handle:
             entries = []
             for key in handle.keys():
                 stem = key[: -len(".weight")] if key.endswith(".weight") else None
+                if key in dropped:
+                    continue
                 if stem in chosen:
-                    value = handle.get_tensor(key)
-                    parts = formats.compress(fmt, value)
-                    entries += [(f"{stem}.{part}", t.dtype, tuple(t.shape), lambda t=t: t) for part, t in parts.items()]
-                    sizes[stem] = {"dense_bytes": value.numel() * value.element_size(), "stored_bytes": formats.stored_bytes(parts)}
-                    zeros += value.numel() - formats.stored_values(fmt, parts)
-                    total += value.numel()
+                    entries += compressed(stem, handle.get_tensor(key))
                 else:
                     entries.append((key, handle.dtype(key), handle.shape(key), lambda key=key: handle.get_tensor(key)))
-            write_tensors(file, entries, {"format": "pt"})  # written aside, then renamed over the file read here
-        weight_map.update({name: file.name for name, *_ in entries})
+            for name, (get, _) in fused.items():
+                if home[name] == file:
+                    entries += compressed(name, get())
+            write_tensors(target, entries, {"format": "pt"})  # written aside, then renamed (over the file read here)
+        if target != file:
+            file.unlink()
+        weight_map.update({name: target.name for name, *_ in entries})
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
+    if renamed:
+        index.unlink(missing_ok=True)
+        index = directory / formats.WEIGHTS_INDEX
+    if index.is_file() or (renamed and len(files) > 1):
+        data = json.loads(index.read_text()) if index.is_file() else {}
         data["weight_map"] = dict(sorted(weight_map.items()))
         data.setdefault("metadata", {})["total_size"] = sum((directory / f).stat().st_size for f in set(weight_map.values()))
         index.write_text(json.dumps(data, indent=2) + "\n")
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     structure = "2:4" if fmt == formats.SPARSE24 else "unstructured"
-    config["quantization_config"] = formats.sparsity_config(fmt, global_sparsity=zeros / max(total, 1), structure=structure,
-                                                    ignore=sorted(linears - chosen))
+    ignore = sorted(linears - chosen)
+    if renamed:
+        weights = formats.WEIGHTS_INDEX if len(files) > 1 else f"{formats.WEIGHTS_STEM}.safetensors"
+        config["quantization_config"] = formats.llmprune_config(fmt, weights=weights, global_sparsity=zeros / max(total, 1),
+                                                                structure=structure, ignore=ignore)
+        config["transformers_weights"] = formats.GUARD
+    else:
+        config["quantization_config"] = formats.sparsity_config(fmt, global_sparsity=zeros / max(total, 1),
+                                                                structure=structure, ignore=ignore)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"format": fmt, "linears": sizes}
 
@@ -338,22 +482,61 @@ DTYPE_OF_NAME = {name: dtype for dtype, name in _DTYPES.items()}
 class TensorReader:
     """A safetensors file read one tensor at a time with plain reads. A memory map (safe_open) would leave every
     page read resident in this process until closed: the whole file, beside the model, when compressing a
-    checkpoint (+540 MiB of peak RSS on SmolLM2, measured). Keys come sorted, as safe_open gives them."""
+    checkpoint (+540 MiB of peak RSS on SmolLM2, measured). Keys come sorted, as safe_open gives them.
+
+    The header is checked whole when the file is opened (its length, JSON, dtypes, shapes against byte ranges,
+    ranges inside the file and not overlapping), so a truncated, corrupted or foreign file is one LlmpruneError
+    naming it, never a crash halfway through a load."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "rb")
         try:
-            size = int.from_bytes(self._file.read(8), "little")
-            self._header = json.loads(self._file.read(size))
-            self._header.pop("__metadata__", None)
-            self._start = 8 + size
-            for entry in self._header.values():
-                if entry["dtype"] not in DTYPE_OF_NAME:
-                    raise ValueError(f"tensor dtype {entry['dtype']} is not supported here")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._file = open(self.path, "rb")
+        except OSError as exc:
+            raise LlmpruneError(f"could not open {self.path} ({exc.strerror or exc}).") from None
+        try:
+            self._header, self._start = self._read_header()
+        except BaseException:
             self._file.close()
-            raise ValueError(f"{self.path} is not a safetensors file llmprune can rewrite ({exc})") from None
+            raise
+
+    def _damaged(self, why: str) -> LlmpruneError:
+        return LlmpruneError(f"{self.path} is not a readable safetensors file ({why}); the checkpoint is truncated or "
+                             "corrupted: download or save it again.")
+
+    def _read_header(self) -> tuple[dict, int]:
+        size_of_file = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise self._damaged(f"{size_of_file} bytes, too short for a header")
+        size = int.from_bytes(head, "little")
+        if size > min(size_of_file - 8, 100 << 20):
+            raise self._damaged(f"header length {size} does not fit the file's {size_of_file} bytes")
+        try:
+            header = json.loads(self._file.read(size))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._damaged(f"header is not JSON: {_first_line(exc)}") from None
+        if not isinstance(header, dict):
+            raise self._damaged("header is not a JSON object")
+        header.pop("__metadata__", None)
+        start, data = 8 + size, size_of_file - 8 - size
+        ranges = []
+        for key, entry in header.items():
+            try:
+                dtype = DTYPE_OF_NAME[entry["dtype"]]
+                shape = [int(d) for d in entry["shape"]]
+                begin, end = (int(v) for v in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self._damaged(f"entry '{key}' is malformed or has an unsupported dtype ({_first_line(exc)})") from None
+            if min(shape, default=0) < 0 or not 0 <= begin <= end <= data:
+                raise self._damaged(f"'{key}' lies outside the file (bytes {begin}-{end} of {data})")
+            if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != end - begin:
+                raise self._damaged(f"'{key}' holds {end - begin} bytes, its shape {shape} and dtype need another size")
+            ranges.append((begin, end))
+        ranges.sort()
+        if any(b0 < a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:])):
+            raise self._damaged("tensors overlap")
+        return header, start
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -373,12 +556,9 @@ class TensorReader:
     def get_tensor(self, key: str) -> Tensor:
         begin, end = self._header[key]["data_offsets"]
         tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
-        if tensor.numel() * tensor.element_size() != end - begin:
-            raise ValueError(f"{self.path}: {key} holds {end - begin} bytes, its shape and dtype need "
-                             f"{tensor.numel() * tensor.element_size()}")
         self._file.seek(self._start + begin)
-        if self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
-            raise ValueError(f"{self.path} ends inside {key}; the file is truncated")
+        if tensor.numel() and self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+            raise self._damaged(f"it ends inside {key}")
         return tensor
 
 
@@ -412,13 +592,20 @@ def load_compressed(directory: str | Path, fmt: str, *, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = AutoConfig.from_pretrained(str(directory))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LlmpruneError(f"could not read the config.json of {directory} ({_first_line(exc)}); the checkpoint is "
+                            "corrupted or of an architecture this transformers does not know.") from None
+    for attribute in ("quantization_config", "transformers_weights"):  # the weights are decompressed here
+        if hasattr(config, attribute):
+            delattr(config, attribute)
     state = read_state_dict(directory, fmt)
     if dtype is None:
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    # load_state_dict(assign=True) keeps the tensors' own dtype: cast them to the one asked for
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     fused = _has_converted_names(config, state)
     try:
         if fused:  # names transformers converts when loading (experts split per expert): let it convert them
@@ -533,7 +720,13 @@ def describe(directory: str | Path) -> dict:
     for prefix, parts in groups.items():
         prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
         W = formats.decompress(fmt, parts, prefix)
-        linears[prefix] = _entry(prefix, W, formats.stored_bytes(parts), pattern)
+        stored = formats.stored_bytes(parts)
+        if W.dim() == 2:
+            linears[prefix] = _entry(prefix, W, stored, pattern)
+            continue
+        experts = W.reshape(-1, *W.shape[-2:])  # a fused experts parameter: one row per expert, named as llmprune.json does
+        for e, We in enumerate(experts):
+            linears[f"{prefix}.{e}"] = _entry(f"{prefix}.{e}", We, stored // len(experts), pattern)
     if not linears:
         raise LlmpruneError(f"{directory} holds no 2-D linear weights; is it a causal LM checkpoint?")
 

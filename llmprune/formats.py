@@ -1,6 +1,6 @@
-"""The sparse checkpoint layouts defined by compressed-tensors 0.14, read and written by llmprune.
+"""The sparse weight layouts of llmprune checkpoints, and the config blocks that name them.
 
-Two layouts, one per checkpoint (named in config.json → quantization_config → sparsity_config → format):
+Two tensor layouts, one per checkpoint, as compressed-tensors 0.14 defined them:
 
 - ``sparse-bitmask``: for a weight W [rows, cols] saved under module path P:
   ``P.shape`` int64 [2]; ``P.compressed`` the kept values, row-major, 1-D in W's dtype;
@@ -12,10 +12,24 @@ Two layouts, one per checkpoint (named in config.json → quantization_config �
   non-zeros); ``P.bitmask`` as above.
 
 Values are selected by their bit pattern (so -0.0 is kept as a value) and written back into zeros, which
-makes compress → decompress bitwise exact for every dtype. compressed-tensors removed these
-compressors in 0.15 (2026); this module is the reader and writer llmprune owns.
+makes compress → decompress bitwise exact for every dtype. A weight of more than two dimensions (fused MoE
+experts [experts, out, in]) is stored as its [prod(leading), last] matrix with its whole shape in ``P.shape``
+(llmprune's own config only).
+
+Two config blocks name them (config.json → quantization_config):
+
+- llmprune's own (``quant_method: llmprune``), the default: the weights live in ``llmprune-model*.safetensors``,
+  and config.json's ``transformers_weights`` holds GUARD, a sentence that makes plain transformers (every 5.x,
+  and 4.5x) stop with an error naming llmprune instead of loading the pruned linears as random weights. With
+  llmprune imported, its quantizer (hf.py) points transformers at the real files and decompresses.
+- compressed-tensors 0.14's (``quant_method: compressed-tensors``, ``sparsity_config``), exactly as that release
+  wrote it, for users still on it. compressed-tensors 0.15 removed these compressors and transformers 5 with a
+  newer compressed-tensors loads such files with random weights in the pruned linears, so it is written only on
+  request.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -28,7 +42,19 @@ SPARSE24 = "sparse-24-bitmask"
 DENSE = "dense"
 FORMATS = (DENSE, BITMASK, SPARSE24)
 PARAMS = {BITMASK: ("shape", "compressed", "bitmask", "row_offsets"), SPARSE24: ("shape", "compressed", "bitmask")}
+PART_NAMES = frozenset(PARAMS[BITMASK])
 COMPRESSED_TENSORS_VERSION = "0.14.0.1"  # the layout version we write, for readers that check it
+
+# the config blocks: llmprune's own, or compressed-tensors 0.14's
+LLMPRUNE = "llmprune"
+COMPRESSED_TENSORS = "compressed-tensors"
+LAYOUT_VERSION = 1
+WEIGHTS_STEM = "llmprune-model"  # llmprune-model.safetensors, or llmprune-model-00001-of-00003.safetensors + index
+WEIGHTS_INDEX = f"{WEIGHTS_STEM}.safetensors.index.json"
+# What plain transformers prints after "...nor a safetensors index file (*.safetensors.index.json): "
+GUARD = ("this is an llmprune compressed sparse checkpoint, which plain transformers cannot load: pip install llmprune "
+         "and run `import llmprune` before from_pretrained (or use llmprune.load), or write a copy that loads anywhere "
+         "with `llmprune convert DIR --format dense --out DENSE_DIR`")
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32))
@@ -65,21 +91,29 @@ def _select(W: Tensor, mask: Tensor) -> Tensor:
     return torch.from_numpy(np.compress(mask.reshape(-1).numpy(), bits)).view(W.dtype)
 
 
+def _as_matrix(W: Tensor) -> Tensor:
+    """[..., cols] → [rows, cols], rows the product of the leading dimensions (a fused experts weight)."""
+    if W.dim() < 2:
+        raise ValueError(f"sparse layouts store weights of two or more dimensions; got shape {tuple(W.shape)}")
+    return W.contiguous().reshape(-1, W.shape[-1])
+
+
 def compress_bitmask(W: Tensor) -> dict[str, Tensor]:
-    if W.dim() != 2:
-        raise ValueError(f"sparse-bitmask stores 2-D weights; got shape {tuple(W.shape)}")
-    W = W.contiguous()
+    shape = list(W.shape)
+    W = _as_matrix(W)
     mask = _nonzero_bits(W)
     counts = mask.sum(dim=1)
-    return {"shape": torch.tensor(list(W.shape), dtype=torch.int64), "compressed": _select(W, mask),
+    return {"shape": torch.tensor(shape, dtype=torch.int64), "compressed": _select(W, mask),
             "bitmask": pack_bits(mask), "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
 
 
 def compress_24(W: Tensor) -> dict[str, Tensor]:
-    """Raises ValueError where a group of four inputs holds more than two non-zeros."""
-    if W.dim() != 2 or W.shape[1] % 4:
-        raise ValueError(f"sparse-24-bitmask needs a 2-D weight with a multiple of 4 inputs; got shape {tuple(W.shape)}")
-    W = W.contiguous()
+    """Raises ValueError where a group of four inputs holds more than two non-zeros. A 2-D weight's shape is stored
+    [[rows], [cols]] as compressed-tensors 0.14 stores it; a fused weight's as its whole shape."""
+    if W.dim() < 2 or W.shape[-1] % 4:
+        raise ValueError(f"sparse-24-bitmask needs a weight with a multiple of 4 inputs; got shape {tuple(W.shape)}")
+    shape = torch.tensor([[W.shape[0]], [W.shape[1]]] if W.dim() == 2 else list(W.shape), dtype=torch.int64)
+    W = _as_matrix(W)
     rows, cols = W.shape
     nonzero = _nonzero_bits(W).view(rows, cols // 4, 4)
     if bool((nonzero.sum(-1) > 2).any()):
@@ -87,17 +121,23 @@ def compress_24(W: Tensor) -> dict[str, Tensor]:
     # keep the non-zeros, then the first zeros of the group, so every group keeps exactly two
     priority = nonzero.to(torch.int8) * 4 + torch.arange(3, -1, -1, dtype=torch.int8)
     keep = torch.zeros_like(nonzero).scatter_(-1, priority.topk(2, dim=-1).indices, True).view(rows, cols)
-    return {"shape": torch.tensor([[rows], [cols]], dtype=torch.int64), "compressed": _select(W, keep).view(rows, cols // 2),
-            "bitmask": pack_bits(keep)}
+    return {"shape": shape, "compressed": _select(W, keep).view(rows, cols // 2), "bitmask": pack_bits(keep)}
 
 
 def decompress(fmt: str, data: dict[str, Tensor], name: str = "weight") -> Tensor:
     """Dense weight from its stored parts; checks that the parts agree with one another."""
+    missing = [p for p in ("shape", "compressed", "bitmask") if p not in data]
+    if missing:
+        raise LlmpruneError(f"{name}: compressed weight lacks {', '.join(missing)}; the checkpoint is corrupted.")
+    if data["shape"].dtype.is_floating_point or data["shape"].numel() > 8:
+        raise LlmpruneError(f"{name}: stored shape is not a list of sizes; the checkpoint is corrupted.")
     shape = [int(v) for v in data["shape"].flatten().tolist()]
-    if len(shape) != 2 or min(shape) < 0:
-        raise LlmpruneError(f"{name}: stored shape {shape} is not a 2-D shape; the checkpoint is corrupted.")
-    rows, cols = shape
+    if len(shape) < 2 or min(shape) < 0 or math.prod(shape) > 1 << 40:
+        raise LlmpruneError(f"{name}: stored shape {shape} is not a weight's shape; the checkpoint is corrupted.")
+    rows, cols = math.prod(shape[:-1]), shape[-1]
     bitmask, values = data["bitmask"], data["compressed"]
+    if not values.is_floating_point():
+        raise LlmpruneError(f"{name}: stored values are {values.dtype}, not floating point; the checkpoint is corrupted.")
     if tuple(bitmask.shape) != (rows, -(-cols // 8)) or bitmask.dtype not in (torch.uint8, torch.int8):
         raise LlmpruneError(f"{name}: bitmask of shape {tuple(bitmask.shape)} does not fit a {rows}×{cols} weight; the checkpoint is corrupted.")
     mask = unpack_bits(bitmask.view(torch.uint8), cols)
@@ -108,11 +148,13 @@ def decompress(fmt: str, data: dict[str, Tensor], name: str = "weight") -> Tenso
         raise LlmpruneError(f"{name}: a 2:4 weight must keep half its values, this one keeps {kept} of {rows * cols}; the checkpoint is corrupted.")
     if fmt == BITMASK and "row_offsets" in data:
         counts = mask.sum(dim=1)
-        if not torch.equal(data["row_offsets"].to(torch.int64).flatten(), torch.cumsum(counts, 0) - counts):
+        offsets = data["row_offsets"]
+        if offsets.is_floating_point() or offsets.numel() != rows or not torch.equal(
+                offsets.to(torch.int64).flatten(), torch.cumsum(counts, 0) - counts):
             raise LlmpruneError(f"{name}: row_offsets disagree with the bitmask; the checkpoint is corrupted.")
-    W = torch.zeros(rows, cols, dtype=values.dtype)
+    W = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
     W[mask] = values.flatten()
-    return W
+    return W.view(shape)
 
 
 def compress(fmt: str, W: Tensor) -> dict[str, Tensor]:
@@ -137,6 +179,17 @@ def stored_bytes(parts: dict[str, Tensor]) -> int:
 # ---- config.json --------------------------------------------------------------------------------------
 
 
+def llmprune_config(fmt: str, *, weights: str, global_sparsity: float, structure: str, ignore: list[str]) -> dict:
+    """llmprune's quantization_config block: the tensor layout, the weights file transformers is to read (config.json's
+    `transformers_weights` holds GUARD instead), and what was pruned. `sparse_kernels: true` makes from_pretrained
+    build SparseLinear layers (deploy.py) instead of dense weights."""
+    from llmprune import __version__
+
+    return {"quant_method": LLMPRUNE, "format": fmt, "layout_version": LAYOUT_VERSION, "weights": weights,
+            "global_sparsity": global_sparsity, "sparsity_structure": structure, "ignore": sorted(ignore),
+            "sparse_kernels": False, "llmprune_version": __version__}
+
+
 def sparsity_config(fmt: str, *, global_sparsity: float, structure: str, ignore: list[str]) -> dict:
     """The quantization_config block compressed-tensors 0.14 writes for a sparse-only checkpoint."""
     return {
@@ -151,6 +204,6 @@ def sparsity_config(fmt: str, *, global_sparsity: float, structure: str, ignore:
 def choose_format(weights: dict[str, Tensor]) -> str:
     """sparse-24-bitmask when every weight is 2:4, else sparse-bitmask."""
     for W in weights.values():
-        if W.dim() != 2 or W.shape[1] % 4 or bool((_nonzero_bits(W).view(W.shape[0], -1, 4).sum(-1) > 2).any()):
+        if W.dim() < 2 or W.shape[-1] % 4 or bool((_nonzero_bits(_as_matrix(W)).view(-1, W.shape[-1] // 4, 4).sum(-1) > 2).any()):
             return BITMASK
     return SPARSE24

@@ -387,3 +387,15 @@ def release_mapped_(t: Tensor) -> bool:
 
 def in_features(module: nn.Module | ExpertProjection) -> int:
     return get_weight(module).shape[1]
+
+
+def stored_names(model: nn.Module, param_name: str) -> list[str]:
+    """The names save_pretrained stores a parameter under: itself, or, for a parameter transformers fuses when
+    loading (MoE experts), the per-expert tensors its reverse conversion splits it into."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion rules stores every parameter under its own name
+        return [param_name]
+    param = model.get_parameter(param_name)
+    split = revert_weight_conversion(model, {param_name: torch.empty(param.shape, dtype=param.dtype, device="meta")})
+    return sorted(split)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmprune import checkpoint
+from llmprune import checkpoint, formats
 from llmprune.calibrate import BlockStore, LinearResult
 from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
@@ -480,10 +480,22 @@ class PartialRun(BlockStore):
                 shutil.copyfile(generation, tmp / generation.name)
             stored = {source.key_of[f"{name}.weight"][: -len(".weight")] for name in targets
                       if f"{name}.weight" in source.key_of}  # names as in the shards
-            also = checkpoint.split_experts(self.model) if len(stored) < len(targets) else None  # experts, stored per expert
+            experts = {name for name in targets if f"{name}.weight" not in source.key_of}
+            also = fused = None
+            if experts and fmt != "dense" and checkpoint.CONFIG_BLOCK[fmt] == formats.LLMPRUNE:  # stored whole
+                fused = checkpoint.fused_experts(experts, self._read_fused, source.stored_keys)
+            elif experts:  # stored per expert
+                also = checkpoint.split_experts(self.model)
             checkpoint.finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=stored, also=also,
-                                        files=files)
+                                        fused=fused, files=files)
         return target
+
+
+    def _read_fused(self, name: str) -> Tensor:
+        """A fused parameter of a finished block, from its block file."""
+        index = int(name[len(self.blocks_name) + 1:].split(".", 1)[0])
+        with checkpoint.TensorReader(self._block_file(index)) as handle:
+            return handle.get_tensor(name)
 
 
 class _SavedInputs(Sequence):

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import byte_tokenizer, tiny_model
 from llmprune.cli.app import app
+from llmprune.errors import LlmpruneError
 
 runner = CliRunner()
 
@@ -43,17 +44,28 @@ def params(model):
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("block", ["compressed", "compressed-tensors"])
 @pytest.mark.parametrize("pattern,fmt", [("2:4", "sparse-24-bitmask"), ("unstructured", "sparse-bitmask")])
-def test_compressed_checkpoint_layout_and_exact_reload(tiny_model_dir, text_file, tmp_path, pattern, fmt):
+def test_compressed_checkpoint_layout_and_exact_reload(tiny_model_dir, text_file, tmp_path, pattern, fmt, block):
     import llmprune
+    from llmprune import formats
 
     model_dir = tiny_model_dir("llama")
-    small = prune(model_dir, text_file, tmp_path / "small", "--pattern", pattern)
+    small = prune(model_dir, text_file, tmp_path / "small", "--pattern", pattern, "--format", block)
     dense = prune(model_dir, text_file, tmp_path / "dense", "--pattern", pattern, "--format", "dense")
-    config = json.loads((small / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "compressed-tensors"
-    sc = config["sparsity_config"]
-    assert sc["format"] == fmt and sc["targets"] == ["Linear"] and "lm_head" in sc["ignore"]
+    config = json.loads((small / "config.json").read_text())
+    qc = config["quantization_config"]
+    if block == "compressed":  # llmprune's block: its own files, and the guard that stops plain transformers
+        assert qc["quant_method"] == "llmprune" and qc["format"] == fmt and qc["layout_version"] == formats.LAYOUT_VERSION
+        assert qc["weights"] == "llmprune-model.safetensors" and config["transformers_weights"] == formats.GUARD
+        assert sorted(p.name for p in small.glob("*.safetensors")) == ["llmprune-model.safetensors"]
+        sc = qc
+    else:  # compressed-tensors 0.14, exactly
+        assert qc["quant_method"] == "compressed-tensors" and "transformers_weights" not in config
+        assert sorted(p.name for p in small.glob("*.safetensors")) == ["model.safetensors"]
+        sc = qc["sparsity_config"]
+        assert sc["format"] == fmt and sc["targets"] == ["Linear"]
+    assert "lm_head" in sc["ignore"]
     assert sc["sparsity_structure"] == ("2:4" if pattern == "2:4" else "unstructured")
     assert sc["global_sparsity"] == pytest.approx(0.5, abs=0.01)
     keys = set(all_tensors(small))
@@ -68,6 +80,7 @@ def test_compressed_checkpoint_layout_and_exact_reload(tiny_model_dir, text_file
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     report = json.loads((small / "llmprune.json").read_text())
     assert report["format"] == fmt and report["sizes"]["linear_stored_bytes"] < report["sizes"]["linear_dense_bytes"]
+    assert report["layout"] == ("llmprune" if block == "compressed" else "compressed-tensors")
 
 
 def test_convert_both_ways_keeps_every_bit(tiny_model_dir, text_file, tmp_path):
@@ -81,9 +94,12 @@ def test_convert_both_ways_keeps_every_bit(tiny_model_dir, text_file, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")  # no llmprune needed for dense
     again = run("convert", tmp_path / "dense", "--format", "compressed", "--out", tmp_path / "again")
     assert again.exit_code == 0, again.output
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["format"] == "sparse-24-bitmask"
+    ct = run("convert", tmp_path / "again", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert ct.exit_code == 0, ct.output
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
     reference = params(llmprune.load(str(small))[0])
-    for other in (params(plain), params(llmprune.load(str(tmp_path / "again"))[0])):
+    for other in (params(plain), params(llmprune.load(str(tmp_path / "again"))[0]), params(llmprune.load(str(tmp_path / "ct"))[0])):
         assert all(torch.equal(reference[k], other[k]) for k in reference)
     assert_user_error(run("convert", small, "--format", "dense", "--out", tmp_path / "dense"), "already exists")
     assert_user_error(run("convert", small, "--format", "zip", "--out", tmp_path / "x"), "unknown --format 'zip'")
@@ -162,7 +178,7 @@ def test_bitmask_disagreeing_with_values(tiny_model_dir, text_file, tmp_path):
 def test_unknown_sparsity_format(tiny_model_dir, text_file, tmp_path):
     small = prune(tiny_model_dir("llama"), text_file, tmp_path / "small")
     config = json.loads((small / "config.json").read_text())
-    config["quantization_config"]["sparsity_config"]["format"] = "sparse-99"
+    config["quantization_config"]["format"] = "sparse-99"
     (small / "config.json").write_text(json.dumps(config))
     assert_user_error(run("info", small), "sparse-99")
     assert_user_error(run("eval", small, "--ppl", "wikitext2-valid", "--max-windows", 1, "--seqlen", 32), "sparse-99")
@@ -258,11 +274,9 @@ def test_tensor_reader_reads_what_safetensors_wrote_one_tensor_at_a_time(tmp_pat
         for key, value in tensors.items():
             assert reader.shape(key) == tuple(value.shape) and reader.dtype(key) == value.dtype
             assert torch.equal(reader.get_tensor(key), value)
-    path.write_bytes(path.read_bytes()[:-8])  # the last tensor's data cut short
-    with TensorReader(path) as reader:
-        last = max(reader.keys(), key=lambda k: reader._header[k]["data_offsets"][1])
-        with pytest.raises(ValueError, match="truncated"):
-            reader.get_tensor(last)
+    path.write_bytes(path.read_bytes()[:-8])  # the last tensor's data cut short: refused when opened, by name
+    with pytest.raises(LlmpruneError, match="lies outside the file.*truncated or corrupted"):
+        TensorReader(path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00notjs")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(LlmpruneError, match="not a readable safetensors file"):
         TensorReader(tmp_path / "junk.safetensors")

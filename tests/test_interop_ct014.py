@@ -49,7 +49,7 @@ def prune(model_dir, text_file, out, pattern, fmt):
 
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
 def test_their_decompressor_reads_our_checkpoint(ct014, tiny_model_dir, text_file, tmp_path, pattern):
-    ours = prune(tiny_model_dir("llama"), text_file, tmp_path / "ours", pattern, "compressed")
+    ours = prune(tiny_model_dir("llama"), text_file, tmp_path / "ours", pattern, "compressed-tensors")
     theirs(ct014, "decompress", ours, tmp_path / "theirs.safetensors")
     decompressed = load_file(tmp_path / "theirs.safetensors")
     expected = llmprune.load(str(ours))[0].state_dict()

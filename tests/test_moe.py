@@ -90,23 +90,31 @@ def test_every_expert_is_pruned_and_routers_stay_dense(family, method, pattern, 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_compressed_moe_checkpoint_round_trips(family, text_file, tmp_path, moe_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.checkpoint import read_state_dict
+
     model, report = api.prune(str(moe_dir(family)), method="sparsegpt", pattern="2:4", calibration=str(text_file),
                               nsamples=8, seqlen=32, device="cpu", out=tmp_path / "out")
     assert report["format"] == "sparse-24-bitmask"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    assert config["quantization_config"]["format"] == "sparse-24-bitmask"
     stored = report["sizes"]["linear_stored_bytes"] / report["sizes"]["linear_dense_bytes"]
     assert stored < 0.6  # the experts, most of the weights, are stored compressed
-    loaded, _, _ = load_model(str(tmp_path / "out"))
+    keys = set(read_state_dict(tmp_path / "out", "dense"))  # raw names: each fused parameter stored whole
+    assert "model.layers.0.mlp.experts.gate_up_proj.compressed" in keys and not any(".experts.0." in k for k in keys)
     expected = model.state_dict()
-    for key, value in loaded.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+    for loaded in (load_model(str(tmp_path / "out"))[0], AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+        assert loaded.state_dict().keys() == expected.keys()
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, expected[key]), key
     info = CliRunner().invoke(_app(), ["info", str(tmp_path / "out"), "--json"])
     assert info.exit_code == 0, info.output
     described = json.loads(info.stdout)
     assert described["pattern_ok"] is True
     per_expert = [row for row in described["linears"] if ".experts." in row["name"]]
-    assert len(per_expert) == 2 * 4 * 3 and all(row["sparsity"] == pytest.approx(0.5) for row in per_expert)
+    assert len(per_expert) == 2 * 2 * 4 and all(row["sparsity"] == pytest.approx(0.5) for row in per_expert)
+    assert {row["name"] for row in per_expert} == {row["name"] for row in report["linears"] if ".experts." in row["name"]}
     assert len(described["experts"]) == 2 * 2 * 4 and all(row["tokens"] > 0 for row in described["experts"])
 
 
@@ -219,7 +227,7 @@ def test_streamed_moe_equals_in_memory(tmp_path, text_file, family, method, patt
     reads and fuses them block by block by transformers' own rules and writes them back per expert, so the output has
     the same tensors, names and bits as the in-memory run's."""
     from conftest import byte_tokenizer
-    from test_streaming import assert_same
+    from test_streaming import assert_same, weights_index
 
     source = tmp_path / "src"
     moe_model(family, layers=3).save_pretrained(source, max_shard_size="100KB")
@@ -233,9 +241,11 @@ def test_streamed_moe_equals_in_memory(tmp_path, text_file, family, method, patt
                               nsamples=8, seqlen=32, device="cpu", out=outs[stream], stream=stream, format=fmt)
         assert report["model"]["streamed"] is stream
     assert_same(outs[False], outs[True])
-    written = json.loads((outs[True] / "model.safetensors.index.json").read_text())["weight_map"]
+    written = json.loads((outs[True] / weights_index(outs[True])).read_text())["weight_map"]
     if fmt == "dense":
         assert set(written) == set(stored)
+    else:  # each pruned fused parameter stored whole, under its own name
+        assert not any(".experts.0." in key for key in written) and any(".experts.gate_up_proj." in key for key in written)
     model, _, _ = load_model(str(outs[True]))
     for experts in experts_of(model):
         for e in range(experts.num_experts):

@@ -51,6 +51,13 @@ def assert_same(a: Path, b: Path) -> None:
         assert torch.equal(ta[key], tb[key]), key
 
 
+def weights_index(directory):
+    """The safetensors index of a sharded checkpoint: llmprune's layout has its own (formats.WEIGHTS_INDEX)."""
+    from llmprune import formats
+
+    return next(name for name in (formats.WEIGHTS_INDEX, "model.safetensors.index.json") if (directory / name).is_file())
+
+
 @pytest.fixture
 def calib(text_file):
     return {**CALIB, "calibration": str(text_file)}
@@ -64,7 +71,7 @@ def test_streamed_run_equals_in_memory_bit_for_bit(tmp_path, calib, arch):
         assert report["model"]["streamed"] is stream
     assert_same(tmp_path / "out-False", tmp_path / "out-True")
     assert not (tmp_path / "out-True.partial").exists()
-    index = json.loads((tmp_path / "out-True" / "model.safetensors.index.json").read_text())
+    index = json.loads((tmp_path / "out-True" / weights_index(tmp_path / "out-True")).read_text())
     for key, shard in index["weight_map"].items():  # the index is right about every tensor
         assert key in load_file(str(tmp_path / "out-True" / shard))
 
