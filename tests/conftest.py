@@ -86,3 +86,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the GGUF cache per session, never in the user's home."""
     if "LLMPRUNE_CACHE" not in os.environ:
         monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "llmprune-cache"))
+
+
+def hub_cache(cache: Path, repo_id: str, directory: Path, revision: str = "main", commit: str = "0" * 40) -> Path:
+    """A huggingface_hub cache holding `directory` as `repo_id` at `revision` (as a download would leave it), so that
+    Hub ids resolve offline (HF_HUB_CACHE=cache, HF_HUB_OFFLINE=1)."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
+    return cache
