@@ -1,6 +1,7 @@
 """llmprune: one-shot LLM pruning (SparseGPT, Wanda, magnitude) for any decoder model."""
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
 import importlib.abc  # noqa: E402
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
@@ -10,10 +11,8 @@ from llmprune.errors import LlmpruneError  # noqa: E402
 
 def _register_with_transformers() -> None:
     """Make transformers' from_pretrained load llmprune checkpoints (hf.py). Never breaks the import it rides on."""
-    try:
-        from llmprune import hf
-
-        hf.register()
+    try:  # importing hf registers it; mid-import (hf's own `import transformers` got here) it registers when done
+        importlib.import_module("llmprune.hf")
     except Exception as exc:  # an unexpected transformers: plain transformers still refuses our files (formats.GUARD)
         import logging
 

@@ -194,3 +194,6 @@ def register() -> bool:
     auto.register_quantizer(formats.LLMPRUNE)(LlmpruneQuantizer)
     _registered = True
     return True
+
+
+register()  # importing this module registers it (llmprune/__init__.py imports it once transformers is imported)
