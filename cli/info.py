@@ -91,6 +91,7 @@ def render(result: dict) -> None:
             table.add_row(row["name"], str(row["tokens"]), f"{row['sparsity']:.2%}",
                           f"[yellow]{row['fallback']} (too few tokens)[/yellow]" if row["fallback"] else method)
         console.print(table)
+    console.print(f"layout: {result['loads_with']}", markup=False)
     if result.get("versions"):
         console.print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     evaluation = result.get("eval") or {}

@@ -65,8 +65,9 @@ def prune(*args, **kwargs):
     return _prune(*args, **kwargs)
 
 
-def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False):
-    """Load (model, tokenizer) from a pruned directory (dense or compressed), a Hub id, a .gguf file or 'smollm2'.
+def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False, revision: str | None = None):
+    """Load (model, tokenizer) from a pruned directory (dense or compressed), a Hub id (`owner/name`, or
+    `owner/name@branch`; or pass revision=), a .gguf file or 'smollm2'.
 
     sparse_kernels=True swaps the pruned linears for SparseLinear layers (compressed weights only, run by
     llmprune's CUDA kernels where they apply) before the model moves to `device`, so the dense weights never
@@ -74,6 +75,10 @@ def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False):
     """
     from llmprune.checkpoint import load_model
 
+    if revision is not None:
+        if spec is None or "@" in str(spec):
+            raise LlmpruneError("pass a Hub id and revision= (or owner/name@revision), not both or neither.")
+        spec = f"{spec}@{revision}"
     model, tokenizer, _ = load_model(spec, dtype=dtype)
     if sparse_kernels:
         from llmprune.deploy import sparsify

@@ -326,7 +326,7 @@ def _stream_directory(src: models.ModelSource, stream: bool | None, dtype: str |
         if stream:
             raise LlmpruneError("--stream reads safetensors shards; a GGUF model is converted in memory: drop --stream.")
         return None
-    directory = Path(src.path) if src.kind == "dir" else _hub_snapshot(src.path)
+    directory = Path(src.path) if src.kind == "dir" else _hub_snapshot(src.path, src.revision)
     if directory is None:
         if stream:
             raise LlmpruneError(f"could not fetch the safetensors shards of '{src.spec}' to stream them; check the name "
@@ -355,12 +355,13 @@ def _stream_directory(src: models.ModelSource, stream: bool | None, dtype: str |
     return directory
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
+def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """A local copy of a Hub model's safetensors, configs and tokenizer (None offline or without safetensors)."""
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        path = Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as exc:  # offline, gated, missing: the ordinary loader reports it better
         log.debug("no snapshot of %s: %s", repo_id, exc)
         return None

@@ -652,7 +652,7 @@ def load_model(spec: str | None, *, dtype=None, allow_pickle: bool = False, trus
     if source.kind == "dir":
         local = Path(source.path)
     elif source.kind == "hub":
-        local = _hub_snapshot_if_compressed(source.path)
+        local = _hub_snapshot_if_compressed(source.path, source.revision)
     fmt = read_format(local) if local is not None else None
     if fmt is None:
         return models.load_model(spec, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -661,18 +661,19 @@ def load_model(spec: str | None, *, dtype=None, allow_pickle: bool = False, trus
     return load_compressed(local, fmt, dtype=torch_dtype), tokenizer, source
 
 
-def _hub_snapshot_if_compressed(repo_id: str) -> Path | None:
-    """The local snapshot of a Hub model stored in a compressed sparse layout; None for any other model
-    (transformers loads those itself, and reports network problems better)."""
+def _hub_snapshot_if_compressed(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot of a Hub model stored in a sparse layout; None for any other model (transformers loads
+    those itself, and reports network problems better)."""
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
 
-        config = Path(hf_hub_download(repo_id, "config.json"))
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
     except Exception:  # offline, gated or missing
         return None
     if read_format(config.parent) is None:
         return None
-    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    return Path(snapshot_download(repo_id, revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
 
 
 # ---- describing a checkpoint (`llmprune info`) --------------------------------------------------------
@@ -689,12 +690,12 @@ def _check_directory(directory: Path) -> None:
 
 
 def describe(directory: str | Path) -> dict:
-    """Per-linear sparsity, pattern check and sizes; totals; recipe, versions and eval from llmprune.json."""
-    from safetensors import SafetensorError, safe_open
-
+    """Per-linear sparsity, pattern check and sizes; totals; layout and what loads it; recipe, versions and eval
+    from llmprune.json."""
     directory = Path(directory)
     _check_directory(directory)
-    fmt = read_format(directory) or formats.DENSE
+    declared = read_layout(directory)
+    fmt = declared[1] if declared else formats.DENSE
     report_path = directory / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     pattern = _declared_pattern(report, directory)
@@ -704,19 +705,16 @@ def describe(directory: str | Path) -> dict:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     other_bytes = 0
     for file in weight_files(directory):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    tensor = handle.get_tensor(key)
-                    prefix, _, suffix = key.rpartition(".")
-                    if suffix in params:
-                        groups.setdefault(prefix, {})[suffix] = tensor
-                    elif suffix == "weight" and tensor.dim() == 2 and "embed" not in prefix:
-                        linears[prefix] = _entry(prefix, tensor, tensor.numel() * tensor.element_size(), pattern)
-                    else:
-                        other_bytes += tensor.numel() * tensor.element_size()
-        except (SafetensorError, OSError) as exc:
-            raise LlmpruneError(f"could not read {file.name} ({_first_line(exc)}); the file is truncated or corrupted.") from None
+        with TensorReader(file) as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                prefix, _, suffix = key.rpartition(".")
+                if suffix in params:
+                    groups.setdefault(prefix, {})[suffix] = tensor
+                elif suffix == "weight" and tensor.dim() == 2 and "embed" not in prefix:
+                    linears[prefix] = _entry(prefix, tensor, tensor.numel() * tensor.element_size(), pattern)
+                else:
+                    other_bytes += tensor.numel() * tensor.element_size()
     for prefix, parts in groups.items():
         prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
         W = formats.decompress(fmt, parts, prefix)
@@ -740,6 +738,8 @@ def describe(directory: str | Path) -> dict:
     return {
         "directory": str(directory),
         "format": fmt,
+        "layout": declared[0] if declared else "dense",
+        "loads_with": loads_with(directory),
         "pattern": str(pattern) if pattern else None,
         "pattern_ok": None if pattern is None else not failing,
         "pattern_failures": failing,

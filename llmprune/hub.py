@@ -48,19 +48,25 @@ def base_model(report: dict) -> str | None:
     return None
 
 
-def model_card(directory: str | Path, repo_id: str, info: dict) -> str:
-    """README.md: YAML metadata (base_model, tags, library) and what was done, measured and how to load it."""
+LAYOUTS = ("both", "dense", "compressed")
+COMPRESSED_BRANCH = "compressed"
+
+
+def model_card(directory: str | Path, repo_id: str, info: dict, branches: list[dict] | None = None) -> str:
+    """README.md: YAML metadata (base_model, tags, library), what was done and measured, and which branch of the
+    repository holds which layout and loads with what. `branches`: [{"revision", "format", "layout", "info"}]."""
     directory = Path(directory)
     report_path = directory / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     recipe = report.get("recipe") or {}
     base = base_model(report)
-    fmt = info["format"]
     tags = ["llmprune", "sparse", "pruned"] + ([recipe["method"]] if recipe.get("method") else [])
+    branches = branches or [{"revision": "main", "format": info["format"], "layout": _layout_of(info), "info": info}]
+    main = next((b for b in branches if b["revision"] == "main"), branches[0])
     meta = ["---"]
     if base:
         meta.append(f"base_model: {base}")
-    meta.append("library_name: " + ("transformers" if fmt == "dense" else "llmprune"))
+    meta.append("library_name: " + ("transformers" if main["layout"] == "dense" else "llmprune"))
     meta.append("tags:")
     meta += [f"- {t}" for t in tags]
     meta.append("---")
@@ -77,10 +83,6 @@ def model_card(directory: str | Path, repo_id: str, info: dict) -> str:
         lines.append(f"| calibration | {recipe.get('nsamples')} × {report.get('seqlen_used', recipe.get('seqlen'))} tokens of "
                      f"{recipe.get('calibration')}, seed {recipe.get('seed')} |")
         lines.append(f"| schedule | {'sequential' if recipe.get('sequential', True) else 'two-pass'} |")
-    sizes = info["sizes"]
-    lines.append(f"| format | {fmt} |")
-    lines.append(f"| linear-layer bytes | {sizes['linear_stored_bytes'] / 2**20:.1f} MiB stored vs "
-                 f"{sizes['linear_dense_bytes'] / 2**20:.1f} MiB dense ({sizes['linear_ratio']:.3f}×) |")
     lines.append("")
     evaluation = report.get("eval") or {}
     if evaluation.get("perplexity") or evaluation.get("tasks"):
@@ -95,43 +97,116 @@ def model_card(directory: str | Path, repo_id: str, info: dict) -> str:
                 if metric in metrics:
                     lines.append(f"| {task} {metric} | {metrics[metric]:.4f} |")
         lines.append("")
-    lines += ["## Loading", "", "```python", "import llmprune", "", f'model, tokenizer = llmprune.load("{repo_id}")', "```", ""]
-    if fmt != "dense":
-        lines += [f"The weights are stored in compressed-tensors' `{fmt}` layout; `llmprune.load` decompresses them "
-                  "into a plain transformers model. `llmprune convert DIR --format dense` writes a dense copy.", ""]
-    else:
-        lines += ["The weights are dense safetensors (zeros where pruned); plain "
-                  "`transformers.AutoModelForCausalLM.from_pretrained` loads them too.", ""]
+    lines += ["## Which branch loads where", "", "| branch | layout | linear-layer weights | loads with |", "|---|---|---|---|"]
+    for b in branches:
+        sizes = b["info"]["sizes"]
+        stored = f"{sizes['linear_stored_bytes'] / 2**20:.1f} MiB ({sizes['linear_ratio']:.3f}× dense)"
+        spec = repo_id if b["revision"] == "main" else f"{repo_id}@{b['revision']}"
+        if b["layout"] == "dense":
+            loads = f"anything: plain transformers, vLLM, `llmprune.load(\"{spec}\")`"
+            layout = "dense safetensors (zeros stored)"
+        elif b["layout"] == "llmprune":
+            loads = (f"llmprune: `llmprune.load(\"{spec}\")`, or `import llmprune` and then transformers' "
+                     "`from_pretrained`; without llmprune transformers stops with an error naming it")
+            layout = f"llmprune's compressed `{b['format']}`"
+        else:
+            loads = f"`llmprune.load(\"{spec}\")`, or transformers 4 with compressed-tensors <= 0.14"
+            layout = f"compressed-tensors 0.14 `{b['format']}`"
+        lines.append(f"| `{b['revision']}` | {layout} | {stored} | {loads} |")
+    lines.append("")
+    lines += ["## Loading", "", "```python"]
+    for b in branches:
+        spec = repo_id if b["revision"] == "main" else f"{repo_id}@{b['revision']}"
+        if b["layout"] == "dense":
+            lines += ["from transformers import AutoModelForCausalLM", "",
+                      f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"'
+                      + ("" if b["revision"] == "main" else f', revision="{b["revision"]}"') + ")   # no llmprune needed", ""]
+        else:
+            lines += ["import llmprune  # pip install llmprune: reads the compressed layout", "",
+                      f'model, tokenizer = llmprune.load("{spec}")', ""]
+    lines[-1:] = ["```", ""]
     return "\n".join(meta + [""] + lines)
 
 
+def _layout_of(info: dict) -> str:
+    return info.get("layout") or ("dense" if info["format"] == "dense" else "llmprune")
+
+
 def push(directory: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         token: str | None = None, api=None) -> dict:
-    """Create the repo if needed and upload the directory plus README.md in one commit; returns what was sent."""
+         layout: str = "both", compressed_branch: str = COMPRESSED_BRANCH, token: str | None = None, api=None) -> dict:
+    """Create the repo if needed and upload the checkpoint, each layout in one commit with its model card.
+
+    layout "both" (default): the dense layout to `revision` (main), which plain transformers loads, and llmprune's
+    compressed layout to `compressed_branch`; "dense" or "compressed": that layout alone, to `revision`. The copies
+    a layout needs are converted beside `directory` and removed afterwards. Returns what was sent where."""
+    import tempfile
+
     from llmprune.checkpoint import describe
 
     check_repo_id(repo_id)
+    if layout not in LAYOUTS:
+        raise LlmpruneError(f"unknown --layout '{layout}'; choose both (dense on main, compressed on a branch), dense or compressed.")
     directory = Path(directory)
-    info = describe(directory)
-    card = model_card(directory, repo_id, info)
+    describe(directory)  # a directory that is no checkpoint fails here, before any conversion or upload
+    target = revision or "main"
+    if layout == "both" and compressed_branch == target:
+        raise LlmpruneError(f"--compressed-branch '{compressed_branch}' is also where the dense layout goes; name another branch.")
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=resolve_token(token))
+    wanted = {"both": [("dense", target), ("compressed", compressed_branch)], "dense": [("dense", target)],
+              "compressed": [("compressed", target)]}[layout]
+    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.push-", dir=directory.parent) as work:
+        copies = []
+        for fmt, branch in wanted:
+            path, info = _as_layout(directory, fmt, Path(work))
+            if path is None:  # nothing pruned is worth compressing: no compressed branch
+                continue
+            copies.append({"revision": branch, "format": info["format"], "layout": _layout_of(info), "info": info, "path": path})
+        uploads = []
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            for copy in copies:
+                card = model_card(copy["path"], repo_id, copy["info"], branches=copies)
+                operations = _operations(copy["path"], card)
+                if copy["revision"] != "main":
+                    api.create_branch(repo_id, branch=copy["revision"], exist_ok=True)
+                commit = api.create_commit(repo_id, operations=operations, revision=copy["revision"], repo_type="model",
+                                           commit_message=f"Upload {directory.name}, {copy['layout']} layout (llmprune)")
+                uploads.append({"revision": copy["revision"], "layout": copy["layout"], "format": copy["format"],
+                                "files": [op.path_in_repo for op in operations],
+                                "url": getattr(commit, "commit_url", None) or str(commit)})
+        except Exception as exc:  # huggingface_hub raises HTTP and network errors of many types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            done = f" ({', '.join(u['revision'] for u in uploads)} uploaded before it)" if uploads else ""
+            raise LlmpruneError(f"upload to {repo_id} failed: {text}{done}; check the token's write access and your network.") from None
+    return {"repo_id": repo_id, "private": private, "uploads": uploads}
+
+
+def _as_layout(directory: Path, fmt: str, work: Path):
+    """(a directory holding the checkpoint in `fmt` (dense or compressed: llmprune's layout), its description):
+    `directory` itself where it is in that layout already, else a converted copy in `work`; (None, None) for a
+    compressed layout of a checkpoint with nothing worth compressing."""
+    from llmprune import formats
+    from llmprune.checkpoint import convert, describe, read_layout
+
+    layout = read_layout(directory)
+    if (fmt == "dense" and layout is None) or (fmt == "compressed" and layout is not None and layout[0] == formats.LLMPRUNE):
+        return directory, describe(directory)
+    copy = work / fmt
+    convert(directory, copy, fmt=fmt)
+    if fmt == "compressed" and read_layout(copy) is None:
+        return None, None
+    return copy, describe(copy)
+
+
+def _operations(directory: Path, card: str) -> list:
     from huggingface_hub import CommitOperationAdd
 
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    files = sorted(p for p in directory.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
     operations = [CommitOperationAdd(path_in_repo=p.relative_to(directory).as_posix(), path_or_fileobj=str(p))
                   for p in files if p.name != "README.md"]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.create_commit(repo_id, operations=operations, revision=revision, repo_type="model",
-                                   commit_message=f"Upload {directory.name} (llmprune)")
-    except Exception as exc:  # huggingface_hub raises HTTP and network errors of many types
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LlmpruneError(f"upload to {repo_id} failed: {text}; check the token's write access and your network.") from None
-    return {"repo_id": repo_id, "revision": revision, "private": private,
-            "files": [op.path_in_repo for op in operations], "url": getattr(commit, "commit_url", None) or str(commit)}
+    return operations

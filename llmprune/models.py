@@ -40,6 +40,7 @@ class ModelSource:
     kind: str
     path: str
     gguf_file: str | None = None
+    revision: str | None = None  # a Hub branch, tag or commit (`owner/name@revision`)
 
 
 def resolve_source(spec: str | None) -> ModelSource:
@@ -65,9 +66,13 @@ def resolve_source(spec: str | None) -> ModelSource:
                 f"'{spec}' is a directory but not a model (no config.json in it); pass a Hugging Face model directory."
             )
         return ModelSource(spec, "dir", str(path.resolve()))
+    hub = re.fullmatch(r"([\w.-]+/[\w.-]+)@([\w.][\w./-]*)", spec)
+    if hub:  # owner/name@revision: a branch (llmprune push puts the compressed layout on one), tag or commit
+        return ModelSource(spec, "hub", hub.group(1), revision=hub.group(2))
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) or spec.endswith(".gguf")
     if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
-        raise LlmpruneError(f"model path '{spec}' does not exist; pass an existing directory, a .gguf file, a Hub id or 'smollm2'.")
+        raise LlmpruneError(f"model path '{spec}' does not exist; pass an existing directory, a .gguf file, a Hub id "
+                            "(owner/name, or owner/name@branch) or 'smollm2'.")
     return ModelSource(spec, "hub", spec)
 
 
@@ -149,10 +154,10 @@ def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool
             raise LlmpruneError(f"{local} holds only pickle weights ({pickles[0]}), which can run code when loaded; "
                                 "pass --allow-pickle if you trust them, or convert them to safetensors.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code, revision=source.revision)
         model = AutoModelForCausalLM.from_pretrained(
             str(local), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
+            use_safetensors=None if allow_pickle else True, revision=source.revision,
         )
     except (OSError, ValueError) as exc:
         where = "from the Hugging Face Hub" if source.kind == "hub" else f"from '{path}'"

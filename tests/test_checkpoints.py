@@ -210,58 +210,6 @@ def test_pickle_weights_need_allow_pickle(tmp_path, text_file):
     assert list((tmp_path / "o").glob("*.safetensors"))
 
 
-class FakeHub:
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", repo_id, kwargs))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        self.calls.append(("create_commit", repo_id, kwargs, operations))
-        return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
-
-
-def test_push_uploads_directory_and_card_without_leaking_the_token(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    small = prune(tiny_model_dir("llama"), text_file, tmp_path / "small", "--pattern", "2:4")
-    fake = FakeHub()
-    seen_tokens = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: (seen_tokens.append(token), fake)[1])
-    result = run("push", small, "alice/tiny-2of4", "--private", "--revision", "v1", "--token", "hf_SECRET123", "--json")
-    assert result.exit_code == 0, result.output
-    assert seen_tokens == ["hf_SECRET123"] and "hf_SECRET123" not in result.output
-    kinds = [c[0] for c in fake.calls]
-    assert kinds == ["create_repo", "create_branch", "create_commit"]
-    assert fake.calls[0][2]["private"] is True and fake.calls[2][2]["revision"] == "v1"
-    operations = fake.calls[2][3]
-    names = sorted(op.path_in_repo for op in operations)
-    assert "README.md" in names and "config.json" in names and "llmprune.json" in names
-    assert any(n.endswith(".safetensors") for n in names) and not any(n.startswith(".") for n in names)
-    card = next(op for op in operations if op.path_in_repo == "README.md").path_or_fileobj
-    card = card.decode() if isinstance(card, bytes) else card.read().decode()
-    assert card.startswith("---\n") and "tags:\n- llmprune\n- sparse\n- pruned" in card
-    assert "sparsegpt" in card and "2:4" in card and "llmprune.load(\"alice/tiny-2of4\")" in card
-    assert "hf_SECRET123" not in card and "hf_SECRET123" not in (small / "llmprune.json").read_text()
-
-
-def test_push_without_token(tiny_model_dir, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    assert_user_error(run("push", tiny_model_dir("llama"), "alice/x"), "no Hugging Face token", "hf auth login")
-
-
-@pytest.mark.parametrize("repo_id", ["justname", "a/b/c", "/x", "a/"])
-def test_push_bad_repo_id(tiny_model_dir, repo_id):
-    assert_user_error(run("push", tiny_model_dir("llama"), repo_id), "owner/name")
-
-
 def test_tensor_reader_reads_what_safetensors_wrote_one_tensor_at_a_time(tmp_path):
     from llmprune.checkpoint import TensorReader
 
