@@ -43,6 +43,10 @@ def fail(message: str) -> "typer.Exit":
     return typer.Exit(code=2)
 
 
+_FILE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST,
+                errno.ENAMETOOLONG, errno.EDQUOT, errno.ELOOP}
+
+
 def user_errors(func):
     """Turn LlmpruneError (and Ctrl-C) into one line on stderr and exit code 2; other exceptions are bugs."""
 
@@ -55,10 +59,13 @@ def user_errors(func):
         except KeyboardInterrupt:
             raise fail("interrupted; nothing was written (partial output removed).") from None
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            raise fail(f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; nothing was "
-                       "finished (partial output removed): free some space or write --out elsewhere.") from None
+            if exc.errno == errno.ENOSPC:
+                raise fail(f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; nothing was "
+                           "finished (partial output removed): free some space or write --out elsewhere.") from None
+            if exc.errno in _FILE_ERRORS and exc.filename:  # a place that cannot be read or written, found late
+                raise fail(f"could not use '{exc.filename}' ({exc.strerror}); nothing was finished (partial output "
+                           "removed): check the path and its permissions.") from None
+            raise
 
     return wrapper
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -18,6 +17,8 @@ from torch import Tensor
 
 from llmprune import formats
 from llmprune.errors import LlmpruneError
+from llmprune.files import (DTYPE_OF_NAME, TensorReader, check_writable, read_header, read_json,  # noqa: F401
+                            return_freed_memory, weight_files, write_tensors)
 from llmprune.masks import Pattern, parse_pattern, pattern_holds
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
         raise LlmpruneError(f"output path '{out}' already exists; choose another --out or pass --overwrite.")
     if out.exists() and not out.is_dir():
         raise LlmpruneError(f"output path '{out}' is a file; choose a directory path for --out.")
+    check_writable(out)
     return out
 
 
@@ -149,8 +151,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
     if out is not None and Path(out).expanduser().resolve() == source.resolve():
         raise LlmpruneError("--out must differ from the source directory; conversion never rewrites its input.")
     model, tokenizer, _ = load_model(str(source), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    report_path = source / REPORT_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = read_report(source)
     targets = None
     if fmt != "dense":
         blocks_name, blocks = models.find_blocks(model)
@@ -195,7 +196,7 @@ def record_eval(directory: str | os.PathLike, results: dict) -> bool:
     path = Path(directory) / REPORT_FILE
     if not path.is_file():
         return False
-    report = json.loads(path.read_text())
+    report = read_report(directory)
     section = report.setdefault("eval", {})
     for key in ("perplexity", "divergence"):
         for entry in results.get(key, []):
@@ -208,8 +209,13 @@ def record_eval(directory: str | os.PathLike, results: dict) -> bool:
         if key in results:
             section[key] = results[key]
     tmp = path.with_name(f".{REPORT_FILE}.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only model directory: the results were printed, only the record is lost
+        tmp.unlink(missing_ok=True)
+        log.warning("could not record the results in %s (%s)", path, exc.strerror or exc)
+        return False
     return True
 
 # ---- compressed checkpoints: reading, writing, building the model ----------------------------------
@@ -218,20 +224,13 @@ def record_eval(directory: str | os.PathLike, results: dict) -> bool:
 def read_config(directory: str | Path) -> dict | None:
     """config.json as a dict (None where there is none); damaged or not an object is a one-line error."""
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise LlmpruneError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}{where}); the checkpoint is corrupted: "
-                            "download or save it again.") from None
-    except OSError as exc:
-        raise LlmpruneError(f"could not read {path} ({exc.strerror or exc}).") from None
-    if not isinstance(config, dict):
-        raise LlmpruneError(f"{path} holds a JSON {type(config).__name__}, not a model config object; the checkpoint "
-                            "is corrupted: download or save it again.")
-    return config
+    return read_json(path, "the checkpoint's config.json") if path.is_file() else None
+
+
+def read_report(directory: str | Path) -> dict:
+    """llmprune.json as a dict ({} where there is none); damaged is a one-line error."""
+    path = Path(directory) / REPORT_FILE
+    return read_json(path, f"its {REPORT_FILE} (delete it to go on without the run's record)") if path.is_file() else {}
 
 
 def read_layout(directory: str | Path) -> tuple[str, str] | None:
@@ -287,41 +286,6 @@ def loads_with(directory: str | Path) -> str:
 # ---- safetensors ----------------------------------------------------------------------------------------
 
 
-_INDEXES = (formats.WEIGHTS_INDEX, "model.safetensors.index.json")
-
-
-def weight_files(directory: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint: those its index names (checked: a JSON weight map of file names in
-    the directory), else every *.safetensors in it."""
-    directory = Path(directory)
-    for name in _INDEXES:
-        index = directory / name
-        if not index.is_file():
-            continue
-        try:
-            weight_map = json.loads(index.read_bytes())["weight_map"]
-            names = sorted(set(weight_map.values()))
-            if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n.endswith(".safetensors") and "/" not in n
-                                                           and "\\" not in n and not n.startswith(".") for n in names):
-                raise ValueError("the weight map must name .safetensors files in this directory")
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise LlmpruneError(f"{index} is not a valid safetensors index ({_first_line(exc)}); the checkpoint is corrupted: "
-                                "download or save it again.") from None
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise LlmpruneError(f"{directory}: shard {missing[0]} named by {name} is missing; download or save the "
-                                "checkpoint again.")
-        return [directory / n for n in names]
-    return sorted(directory.glob("*.safetensors"))
-
-
-def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple]]:
-    """{tensor name: (dtype, shape)} of a safetensors file, from its header alone; a file that is not one, is cut
-    short or lies about its sizes is a one-line error."""
-    with TensorReader(path) as handle:
-        return {key: (handle.dtype(key), handle.shape(key)) for key in handle.keys()}
-
-
 def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
     """Every tensor of a checkpoint, with compressed weights decompressed to `PATH.weight` (or, for a fused
     parameter stored whole, to `PATH`)."""
@@ -354,22 +318,6 @@ def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def return_freed_memory() -> None:
-    """Have glibc give freed tensors back to the system at once. Its default raises the mmap threshold after each
-    large free, so tensor-sized buffers end up on the heap and stay resident after release: measured +30 MB of
-    RSS per block of a 1024-wide Llama when streaming, and 1.95 GB instead of 1.12 GB peak when compressing
-    SmolLM2's 538 MB checkpoint. Process-wide, so called where memory matters more than speed (large
-    temporaries become fresh mappings: solves ran ~35% slower when streaming). A no-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, which also fixes it (no more dynamic raising)
-    except (OSError, AttributeError):
-        pass
 
 
 def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None, fused=None,
@@ -474,127 +422,16 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
     return {"format": fmt, "linears": sizes}
 
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
-           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-DTYPE_OF_NAME = {name: dtype for dtype, name in _DTYPES.items()}
-
-
-class TensorReader:
-    """A safetensors file read one tensor at a time with plain reads. A memory map (safe_open) would leave every
-    page read resident in this process until closed: the whole file, beside the model, when compressing a
-    checkpoint (+540 MiB of peak RSS on SmolLM2, measured). Keys come sorted, as safe_open gives them.
-
-    The header is checked whole when the file is opened (its length, JSON, dtypes, shapes against byte ranges,
-    ranges inside the file and not overlapping), so a truncated, corrupted or foreign file is one LlmpruneError
-    naming it, never a crash halfway through a load."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as exc:
-            raise LlmpruneError(f"could not open {self.path} ({exc.strerror or exc}).") from None
-        try:
-            self._header, self._start = self._read_header()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _damaged(self, why: str) -> LlmpruneError:
-        return LlmpruneError(f"{self.path} is not a readable safetensors file ({why}); the checkpoint is truncated or "
-                             "corrupted: download or save it again.")
-
-    def _read_header(self) -> tuple[dict, int]:
-        size_of_file = os.fstat(self._file.fileno()).st_size
-        head = self._file.read(8)
-        if len(head) < 8:
-            raise self._damaged(f"{size_of_file} bytes, too short for a header")
-        size = int.from_bytes(head, "little")
-        if size > min(size_of_file - 8, 100 << 20):
-            raise self._damaged(f"header length {size} does not fit the file's {size_of_file} bytes")
-        try:
-            header = json.loads(self._file.read(size))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise self._damaged(f"header is not JSON: {_first_line(exc)}") from None
-        if not isinstance(header, dict):
-            raise self._damaged("header is not a JSON object")
-        header.pop("__metadata__", None)
-        start, data = 8 + size, size_of_file - 8 - size
-        ranges = []
-        for key, entry in header.items():
-            try:
-                dtype = DTYPE_OF_NAME[entry["dtype"]]
-                shape = [int(d) for d in entry["shape"]]
-                begin, end = (int(v) for v in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise self._damaged(f"entry '{key}' is malformed or has an unsupported dtype ({_first_line(exc)})") from None
-            if min(shape, default=0) < 0 or not 0 <= begin <= end <= data:
-                raise self._damaged(f"'{key}' lies outside the file (bytes {begin}-{end} of {data})")
-            if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != end - begin:
-                raise self._damaged(f"'{key}' holds {end - begin} bytes, its shape {shape} and dtype need another size")
-            ranges.append((begin, end))
-        ranges.sort()
-        if any(b0 < a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:])):
-            raise self._damaged("tensors overlap")
-        return header, start
-
-    def __enter__(self) -> "TensorReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()
-
-    def keys(self) -> list[str]:
-        return sorted(self._header)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._header[key]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return DTYPE_OF_NAME[self._header[key]["dtype"]]
-
-    def get_tensor(self, key: str) -> Tensor:
-        begin, end = self._header[key]["data_offsets"]
-        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
-        self._file.seek(self._start + begin)
-        if tensor.numel() and self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
-            raise self._damaged(f"it ends inside {key}")
-        return tensor
-
-
-def write_tensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, Callable[[], Tensor]]],
-                  metadata: dict[str, str]) -> None:
-    """Write a safetensors file holding one tensor in memory at a time: entries are (name, dtype, shape, a getter
-    called once, while writing). The safetensors layout: a little-endian u64 header length, a JSON header of
-    dtypes, shapes and byte offsets, then the raw data. Atomic (written aside, then renamed)."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape, _ in entries:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
-        for name, dtype, shape, get in entries:
-            x = get().detach().to("cpu").contiguous()
-            if x.dtype != dtype or tuple(x.shape) != tuple(shape):
-                raise ValueError(f"{name}: got {x.dtype} {tuple(x.shape)}, the header says {dtype} {tuple(shape)}")
-            handle.write(x.reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
-
-
 def load_compressed(directory: str | Path, fmt: str, *, dtype=None):
     """A plain transformers model from a compressed checkpoint (weights decompressed in memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from llmprune.models import load_errors
+
     try:
         config = AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except load_errors() as exc:
         raise LlmpruneError(f"could not read the config.json of {directory} ({_first_line(exc)}); the checkpoint is "
                             "corrupted or of an architecture this transformers does not know.") from None
     for attribute in ("quantization_config", "transformers_weights"):  # the weights are decompressed here
@@ -657,7 +494,11 @@ def load_model(spec: str | None, *, dtype=None, allow_pickle: bool = False, trus
     if fmt is None:
         return models.load_model(spec, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     torch_dtype = models.parse_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
-    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+    except models.load_errors() as exc:
+        raise LlmpruneError(f"could not load the tokenizer of {local} ({_first_line(exc)}); its tokenizer or config files "
+                            "are damaged: download or save the checkpoint again.") from None
     return load_compressed(local, fmt, dtype=torch_dtype), tokenizer, source
 
 
@@ -696,8 +537,7 @@ def describe(directory: str | Path) -> dict:
     _check_directory(directory)
     declared = read_layout(directory)
     fmt = declared[1] if declared else formats.DENSE
-    report_path = directory / REPORT_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = read_report(directory)
     pattern = _declared_pattern(report, directory)
     params = formats.PARAMS.get(fmt, ())
 
@@ -775,9 +615,9 @@ def _declared_pattern(report: dict, directory: Path) -> Pattern | None:
     recipe = report.get("recipe") or {}
     if recipe.get("pattern"):
         return parse_pattern(recipe["pattern"])
-    config = directory / "config.json"
-    if config.is_file():
-        structure = ((json.loads(config.read_text()).get("quantization_config") or {}).get("sparsity_config") or {}).get("sparsity_structure")
+    qc = (read_config(directory) or {}).get("quantization_config")
+    if isinstance(qc, dict):
+        structure = qc.get("sparsity_structure") or (qc.get("sparsity_config") or {}).get("sparsity_structure")
         if structure and re.fullmatch(r"\d+:\d+", structure) and structure != "0:0":
             return parse_pattern(structure)
     return None
@@ -818,7 +658,11 @@ def plot(info: dict, path: str | Path) -> Path:
     ax.set_title(Path(info["directory"]).name)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = check_writable(path, "--plot")
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise LlmpruneError(f"could not write --plot {path} ({exc.strerror or exc}); choose another file.") from None
+    finally:
+        plt.close(fig)
     return path

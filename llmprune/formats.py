@@ -49,8 +49,7 @@ COMPRESSED_TENSORS_VERSION = "0.14.0.1"  # the layout version we write, for read
 LLMPRUNE = "llmprune"
 COMPRESSED_TENSORS = "compressed-tensors"
 LAYOUT_VERSION = 1
-WEIGHTS_STEM = "llmprune-model"  # llmprune-model.safetensors, or llmprune-model-00001-of-00003.safetensors + index
-WEIGHTS_INDEX = f"{WEIGHTS_STEM}.safetensors.index.json"
+from llmprune.files import WEIGHTS_INDEX, WEIGHTS_STEM  # noqa: E402,F401  (the file names of llmprune's layout)
 # What plain transformers prints after "...nor a safetensors index file (*.safetensors.index.json): "
 GUARD = ("this is an llmprune compressed sparse checkpoint, which plain transformers cannot load: pip install llmprune "
          "and run `import llmprune` before from_pretrained (or use llmprune.load), or write a copy that loads anywhere "

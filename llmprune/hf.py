@@ -165,7 +165,7 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def stored_parts(files) -> dict[str, dict[str, tuple[torch.dtype, tuple]]]:
     """{P: {part: (dtype, shape)}} for every compressed weight in the safetensors files, from their headers."""
-    from llmprune.checkpoint import read_header
+    from llmprune.files import read_header
 
     found: dict[str, dict[str, tuple[torch.dtype, tuple]]] = {}
     for file in files:

@@ -5,12 +5,11 @@ huggingface_hub only, never printed, logged or written anywhere.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-from llmprune.checkpoint import REPORT_FILE
+
 from llmprune.errors import LlmpruneError
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -55,9 +54,10 @@ COMPRESSED_BRANCH = "compressed"
 def model_card(directory: str | Path, repo_id: str, info: dict, branches: list[dict] | None = None) -> str:
     """README.md: YAML metadata (base_model, tags, library), what was done and measured, and which branch of the
     repository holds which layout and loads with what. `branches`: [{"revision", "format", "layout", "info"}]."""
+    from llmprune.checkpoint import read_report
+
     directory = Path(directory)
-    report_path = directory / REPORT_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = read_report(directory)
     recipe = report.get("recipe") or {}
     base = base_model(report)
     tags = ["llmprune", "sparse", "pruned"] + ([recipe["method"]] if recipe.get("method") else [])

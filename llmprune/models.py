@@ -23,6 +23,24 @@ from llmprune.errors import LlmpruneError
 
 log = logging.getLogger(__name__)
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a damaged or foreign model (beside OSError and ValueError): a bad header
+    (safetensors), a config field of the wrong type (huggingface_hub's strict dataclasses), a missing key."""
+    found: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError]
+    try:
+        from safetensors import SafetensorError
+
+        found.append(SafetensorError)
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        found.append(StrictDataclassError)
+    except ImportError:
+        pass
+    return tuple(found)
+
 DEFAULT_MODEL = "smollm2"
 ALIASES = {
     # alias: (package, what it holds, how to install it)
@@ -131,8 +149,9 @@ def load_model(spec: str | None, *, dtype: str | torch.dtype | None = None, allo
             model = AutoModelForCausalLM.from_pretrained(
                 source.path, gguf_file=source.gguf_file, dtype=torch.float32
             )
-        except (OSError, ValueError, KeyError) as exc:
-            raise LlmpruneError(f"could not read GGUF file '{source.gguf_file}': {_first_line(exc)}; is it a transformers-supported architecture?") from None
+        except Exception as exc:  # the gguf reader fails on damage in many ways (struct, numpy reshape, index errors)
+            raise LlmpruneError(f"could not read GGUF file '{source.gguf_file}' ({_first_line(exc)}): it is truncated or "
+                                "corrupted (download it again), or of an architecture transformers cannot convert.") from None
         _detach_gguf_quantizer_(model)
         _write_cache(model, tokenizer, cached)
         if torch_dtype is not None:
@@ -146,6 +165,12 @@ def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path)
+    if local.is_dir():  # check the files before transformers reads them: damage is then one line naming the file
+        from llmprune.files import read_header, read_json, weight_files
+
+        read_json(local / "config.json", "the checkpoint's config.json")
+        for file in weight_files(local):
+            read_header(file)
     if local.is_dir() and not list(local.glob("*.safetensors")):
         pickles = sorted(p.name for p in local.glob("*.bin")) + sorted(p.name for p in local.glob("*.pt"))
         if not pickles:
@@ -159,7 +184,7 @@ def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool
             str(local), dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True, revision=source.revision,
         )
-    except (OSError, ValueError) as exc:
+    except load_errors() as exc:
         where = "from the Hugging Face Hub" if source.kind == "hub" else f"from '{path}'"
         raise LlmpruneError(
             f"could not load model '{source.spec}' {where}: {_first_line(exc)}; check the name, your network "

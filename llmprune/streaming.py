@@ -73,7 +73,13 @@ class ShardSource:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(str(self.directory), trust_remote_code=trust_remote_code)
+        from llmprune.models import load_errors
+
+        try:
+            config = AutoConfig.from_pretrained(str(self.directory), trust_remote_code=trust_remote_code)
+        except load_errors() as exc:
+            raise LlmpruneError(f"could not read the config.json of {self.directory} ({str(exc).strip().splitlines()[0]}); "
+                                "the checkpoint is damaged or of an architecture this transformers does not know.") from None
         if dtype is None:
             dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

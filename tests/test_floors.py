@@ -11,7 +11,7 @@ FLOORS = {
     "api": 4, "hub": 4, "evaluate": 4, "deploy": 4, "bench": 4, "streaming": 4, "hf": 4,
     "calibrate": 3, "checkpoint": 3,
     "solvers": 2, "allocation": 2, "formats": 2, "recipe": 2,
-    "masks": 1, "models": 1, "data": 1, "kernels": 1, "distributed": 1,
+    "masks": 1, "models": 1, "data": 1, "kernels": 1, "distributed": 1, "files": 1,
     "errors": 0,
 }
 
