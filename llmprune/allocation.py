@@ -35,7 +35,7 @@ def owl(ratios: Sequence[float], target: float, *, lam: float = OWL_LAMBDA,
     w = w / w.sum()
     deviation = r - (w * r).sum()
     spread = float(r.max() - r.min())
-    if spread == 0 or lam == 0:
+    if spread < 1e-12 or lam == 0:  # equal ratios (a spread of denormals would make the scale overflow to inf)
         return [float(target)] * r.numel()
     scale = min(2 * lam / spread, lam / float(deviation.abs().max()))
     sparsities = target - deviation * scale
