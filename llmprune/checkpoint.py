@@ -253,8 +253,9 @@ def read_layout(directory: str | Path) -> tuple[str, str] | None:
     if method != formats.COMPRESSED_TENSORS:
         return None
     if qc.get("config_groups"):
-        raise LlmpruneError(f"{directory} is quantized with compressed-tensors; llmprune reads sparse-only checkpoints "
-                            "(dense, sparse-bitmask, sparse-24-bitmask).")
+        raise LlmpruneError(f"{directory} is quantized with compressed-tensors (config_groups in its config.json), which "
+                            "transformers with compressed-tensors loads; llmprune reads dense and sparse-only checkpoints "
+                            "(sparse-bitmask, sparse-24-bitmask).")
     sc = qc.get("sparsity_config") or {}
     fmt = sc.get("format", formats.DENSE) if isinstance(sc, dict) and sc else formats.DENSE
     if fmt not in formats.FORMATS:

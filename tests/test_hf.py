@@ -53,7 +53,22 @@ def outputs(tmp_path_factory):
         for fmt in ("dense", "compressed"):
             made[pattern, fmt] = prune(source, text, root / f"{pattern.replace(':', 'of')}-{fmt}", "--pattern", pattern,
                                        "--format", fmt)
+            for dtype in ("float16", "bfloat16"):  # stored in that dtype (prune --dtype)
+                made[pattern, fmt, dtype] = prune(source, text, root / f"{pattern.replace(':', 'of')}-{fmt}-{dtype}",
+                                                  "--pattern", pattern, "--format", fmt, "--dtype", dtype)
     return made
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_outputs_stored_in_half_precision(outputs, pattern, stored):
+    from transformers import AutoModelForCausalLM
+
+    compressed, dense = outputs[pattern, "compressed", stored], outputs[pattern, "dense", stored]
+    ours = weights(AutoModelForCausalLM.from_pretrained(compressed))
+    assert {v.dtype for k, v in ours.items() if "proj" in k} == {DTYPES[stored]}
+    assert_bitwise(ours, weights(AutoModelForCausalLM.from_pretrained(dense)))
+    assert_bitwise(ours, weights(llmprune.load(str(compressed))[0]))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
