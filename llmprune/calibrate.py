@@ -213,37 +213,43 @@ def prune_model(
             block = blocks[i]
             progress.begin(i, "calibrating + pruning" if sequential else "gathering statistics")
             store.load(i, block)
-            on_device = _to_device(block, device)
-            prefix = f"{blocks_name}.{i}."
-            predicted = {prefix + leader: [prefix + n for n in names] for leader, names in shared.items()}
-            pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets, experts=True), method, sparsity_of, pattern, device,
-                                  predicted, refine, dist, first_window)
-            last = i == len(blocks) - 1
-            if sequential:
-                for item, out in zip(captured, _run_lockstep(on_device, i, captured, pruner)):
-                    item.hidden = out
-            else:
-                with pruner.hooks(sync=False):
-                    for item in captured:
-                        _run_block(on_device, i, item)
-                progress.doing(i, "pruning")
-                pruner.prune_all(list(pruner.order))
-                progress.doing(i, "propagating")
-                if not last:  # each micro-batch's input is replaced by its output as soon as it is computed
-                    for item in captured:
-                        item.hidden = _run_block(on_device, i, item)
-            shared = {leader[len(prefix):]: [n[len(prefix):] for n in names]
-                      for leader, names in pruner.shared_groups().items()}
-            missing = set(pruner.linears) - set(pruner.pruned)
-            if missing:
-                raise RuntimeError(f"linears never called by the block's forward: {sorted(missing)}")
-            if on_device is not block:
-                _to_device(block, torch.device("cpu"))
-            results.extend(pruner.results)
-            store.done(i, block, pruner.results, None if last else _Inputs(captured))
+            with placed(block, device):
+                block_results, shared = _prune_block(block, i, blocks_name, captured, method, sparsity_of, pattern, ignore,
+                                                     targets, device, shared, refine, dist, first_window, sequential,
+                                                     i == len(blocks) - 1, progress)
+            results.extend(block_results)
+            store.done(i, block, block_results, None if i == len(blocks) - 1 else _Inputs(captured))
             progress.end(i, tokens)
     progress.close()
     return results
+
+
+def _prune_block(block, i, blocks_name, captured, method, sparsity_of, pattern, ignore, targets, device, shared, refine,
+                 dist, first_window, sequential, last, progress):
+    """Prune one block (on the compute device) from its captured inputs, leaving its outputs in `captured`; returns
+    its results and the input-sharing groups seen, relative to the block."""
+    prefix = f"{blocks_name}.{i}."
+    predicted = {prefix + leader: [prefix + n for n in names] for leader, names in shared.items()}
+    pruner = _BlockPruner(find_linears(block, prefix[:-1], ignore, targets, experts=True), method, sparsity_of, pattern, device,
+                          predicted, refine, dist, first_window)
+    if sequential:
+        for item, out in zip(captured, _run_lockstep(block, i, captured, pruner)):
+            item.hidden = out
+    else:
+        with pruner.hooks(sync=False):
+            for item in captured:
+                _run_block(block, i, item)
+        progress.doing(i, "pruning")
+        pruner.prune_all(list(pruner.order))
+        progress.doing(i, "propagating")
+        if not last:  # each micro-batch's input is replaced by its output as soon as it is computed
+            for item in captured:
+                item.hidden = _run_block(block, i, item)
+    shared = {leader[len(prefix):]: [n[len(prefix):] for n in names] for leader, names in pruner.shared_groups().items()}
+    missing = set(pruner.linears) - set(pruner.pruned)
+    if missing:
+        raise RuntimeError(f"linears never called by the block's forward: {sorted(missing)}")
+    return pruner.results, shared
 
 
 class _Progress:
@@ -360,17 +366,15 @@ def outlier_ratios(
         for i, block in enumerate(tqdm(blocks, desc="outlier ratios", unit="block", disable=None if dist.main else True,
                                        dynamic_ncols=True)):
             store.load(i, block)
-            on_device = _to_device(block, device)
-            gatherer = _NormGatherer(find_linears(block, f"{blocks_name}.{i}", ignore, targets, experts=True), device)
-            with _Hooks(gatherer, sync=False):
-                for item in captured:
-                    item.hidden = _run_block(on_device, i, item)
-            scores = [get_weight(module).abs().float() * dist.sum_(gatherer.sq_norms[name]).sqrt().float()
-                      for name, module in gatherer.linears.items()]
-            ratios.append(outlier_ratio(scores, m) if scores else 0.0)
-            sizes.append(sum(s.numel() for s in scores))
-            if on_device is not block:
-                _to_device(block, torch.device("cpu"))
+            with placed(block, device):
+                gatherer = _NormGatherer(find_linears(block, f"{blocks_name}.{i}", ignore, targets, experts=True), device)
+                with _Hooks(gatherer, sync=False):
+                    for item in captured:
+                        item.hidden = _run_block(block, i, item)
+                scores = [get_weight(module).abs().float() * dist.sum_(gatherer.sq_norms[name]).sqrt().float()
+                          for name, module in gatherer.linears.items()]
+                ratios.append(outlier_ratio(scores, m) if scores else 0.0)
+                sizes.append(sum(s.numel() for s in scores))
             store.release(i, block)
             log.info("block %d/%d: outlier ratio %.4f", i + 1, len(blocks), ratios[-1])
     return ratios, sizes
@@ -733,10 +737,20 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, device: torch
     return _Captured(hidden[0], records)
 
 
-def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
-    if next(module.parameters()).device == device:
-        return module
-    return module.to(device)
+@contextlib.contextmanager
+def placed(module: nn.Module, device: torch.device):
+    """`module` on `device` for the body, and back where it was afterwards (even on an error): one block on the
+    compute device at a time. (`nn.Module.to` returns the module itself, so comparing what it returns with the
+    module, as the loop once did, never moved a block back: on a GPU the whole model piled up on the device.)"""
+    home = next(module.parameters()).device
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 def _outside_blocks_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Callable[[], None]:

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, VOCAB, tiny_model
 from llmprune import calibrate
-from llmprune.masks import Pattern, pattern_holds, prune_count
+from llmprune.masks import Pattern, parse_pattern, pattern_holds, prune_count
 from llmprune.models import find_blocks, find_linears, get_weight
 
 PATTERNS = [("unstructured", Pattern(), 0.5), ("2:4", Pattern(2, 4), 0.5), ("4:8", Pattern(4, 8), 0.5)]
@@ -203,3 +203,52 @@ def test_outlier_ratios_leave_the_model_unchanged(arch):
     assert len(ratios) == len(blocks) == len(sizes)
     assert all(0 <= r < 1 for r in ratios) and any(r > 0 for r in ratios)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_placed_moves_a_block_to_the_device_and_back(monkeypatch):
+    """The placement contract: on the compute device inside, back home after, also on an error; nothing moves where
+    home is the compute device. (The old helper compared `module.to(...)`'s return, the module itself, with the
+    module, so blocks never went back: on a GPU the whole model piled up on the device.)"""
+    block = torch.nn.Linear(4, 4)
+    moves = []
+    monkeypatch.setattr(torch.nn.Linear, "to", lambda self, device: (moves.append(str(device)), self)[1], raising=False)
+    with calibrate.placed(block, torch.device("cpu")):
+        pass
+    assert moves == []
+    with calibrate.placed(block, torch.device("cuda:1")):
+        assert moves == ["cuda:1"]
+    assert moves == ["cuda:1", "cpu"]
+    with pytest.raises(ValueError):
+        with calibrate.placed(block, torch.device("cuda:1")):
+            raise ValueError("a failing solve")
+    assert moves == ["cuda:1", "cpu", "cuda:1", "cpu"]
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "two-pass", "owl"])
+def test_every_block_is_placed_while_it_runs(monkeypatch, schedule):
+    """The loop runs each block inside `placed` (pruning and OWL's dense pass alike), one block at a time."""
+    from contextlib import contextmanager
+
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    inside, log = [], []
+    real = calibrate.placed
+
+    @contextmanager
+    def recording(module, device):
+        assert not inside, "two blocks on the device at once"
+        index = [b is module for b in blocks].index(True)
+        inside.append(index)
+        with real(module, device):
+            yield module
+        inside.pop()
+        log.append(index)
+
+    monkeypatch.setattr(calibrate, "placed", recording)
+    windows = torch.randint(0, VOCAB, (4, 16))
+    if schedule == "owl":
+        calibrate.outlier_ratios(model, windows, m=5, device="cpu")
+    else:
+        calibrate.prune_model(model, windows, method="wanda", sparsity=0.5, pattern=parse_pattern("unstructured"),
+                              sequential=schedule == "sequential", device="cpu")
+    assert log == list(range(len(blocks)))
