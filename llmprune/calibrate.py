@@ -474,7 +474,7 @@ class _BlockPruner:
                 self._finish(name, *stashed[1:3], None if leader == name else leader, stashed[3])
                 continue
             members = [name]
-            if leader == name and hasattr(solver, "prune_many"):
+            if leader == name and solver.solves_together:
                 observed = [n for n, g in self.groups.items() if g[1] == name and n != name]
                 expected = [n for n in self.predicted.get(name, []) if n in self.linears and n not in self.groups]
                 members += [n for n in observed + expected if n not in self.pruned]
@@ -525,7 +525,7 @@ class _BlockPruner:
         rows that the ranks can choose together (SparseGPT unstructured), with at least a row for every rank."""
         rows = sum(get_weight(self.linears[m]).shape[0] for m in members)
         coupled = not solver.row_separable(self.pattern)
-        return rows >= self.dist.world and (not coupled or getattr(solver, "selects_across_rows", False))
+        return rows >= self.dist.world and (not coupled or solver.selects_across_rows)
 
     def _solve_rows(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         """One solve shared by the ranks: each prunes a contiguous share of the members' stacked rows, then every
@@ -583,8 +583,7 @@ class _BlockPruner:
             W_new = [solver.prune(slices[0], sparsities[0], self.pattern)]
         else:
             W_new = solver.prune_many(slices, sparsities, self.pattern)
-        reports = getattr(solver, "reports", None)
-        return W_new, ([reports.pop(0) for _ in W_new] if reports else [None] * len(W_new))
+        return W_new, solver.take_reports(len(W_new))
 
     def _solve(self, solver: Solver, members: list[str]) -> tuple[list[Tensor], tuple[float, list[dict | None]]]:
         started = time.perf_counter()

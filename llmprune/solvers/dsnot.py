@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmprune.solvers import Solver
 from llmprune.masks import Pattern
 from llmprune.solvers.sparsegpt import add_upper_, symmetric
 
@@ -51,7 +52,7 @@ class DSnoTStats:
         self.var_sum = torch.zeros(columns, dtype=torch.float64, device=device)  # Σ over windows of Var(x) in the window
         self.windows = 0
         self.tokens = 0
-        self._hessian_from = hessian_from  # an object whose .H is the upper block triangle of Σ x xᵀ
+        self._hessian_from = hessian_from  # a solver whose .hessian is the upper block triangle of Σ x xᵀ
         self._H_even = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # upper block triangles
         self._H_odd = None if hessian_from is not None else torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self._row_block = max(128, -(-columns // 4 // 64) * 64)
@@ -91,7 +92,7 @@ class DSnoTStats:
         """Σ x xᵀ over the even and over the odd calibration windows, full and symmetric: [in, in] each
         (one only, the whole, with a single window)."""
         even = symmetric(self._H_even)
-        odd = symmetric(self._H_odd) if self._H_odd is not None else symmetric(self._hessian_from.H) - even
+        odd = symmetric(self._H_odd) if self._H_odd is not None else symmetric(self._hessian_from.hessian) - even
         return [even, odd] if self.windows > 1 else [even + odd]
 
     @property
@@ -205,19 +206,27 @@ def dsnot_mask(W: Tensor, mask: Tensor, stats: DSnoTStats, pattern: Pattern, con
     return pruned
 
 
-class RefinedSolver:
+class RefinedSolver(Solver):
     """A solver followed by DSnoT on each weight it prunes; keeps a refined row only where it lowers the output error."""
 
-    def __init__(self, base, columns: int, device: torch.device, config: DSnoTConfig = DSnoTConfig(), first_window: int = 0):
+    def __init__(self, base: Solver, columns: int, device: torch.device, config: DSnoTConfig = DSnoTConfig(), first_window: int = 0):
         self.base = base
-        self.needs_data = True
         self.config = config
-        self.stats = DSnoTStats(columns, device, hessian_from=base if hasattr(base, "H") else None, first_window=first_window)
-        self.reports: list[dict] = []  # one per pruned weight, in the order pruned; read by the caller
+        self.stats = DSnoTStats(columns, device, hessian_from=base if base.hessian is not None else None,
+                                first_window=first_window)
+        self.reports: list[dict] = []  # one per pruned weight, in the order pruned
+
+    @property
+    def solves_together(self) -> bool:
+        return self.base.solves_together
+
+    @property
+    def selects_across_rows(self) -> bool:
+        return self.base.selects_across_rows
 
     def add_batch(self, x: Tensor) -> None:
         squares = None
-        if getattr(self.base, "takes_squares", False):  # both need Σx²: square the batch once
+        if self.base.takes_squares:  # both need Σx²: square the batch once
             squares = x.float().square()
             self.base.add_batch(x, squares=squares)
         elif self.base.needs_data:
@@ -227,10 +236,6 @@ class RefinedSolver:
     def row_separable(self, pattern: Pattern) -> bool:
         return self.base.row_separable(pattern)  # DSnoT itself works row by row
 
-    @property
-    def selects_across_rows(self) -> bool:
-        return getattr(self.base, "selects_across_rows", False)
-
     def reduce_(self, sum_) -> None:
         self.base.reduce_(sum_)
         self.stats.reduce_(sum_)
@@ -239,13 +244,11 @@ class RefinedSolver:
         return self._refine([W], [self.base.prune(W, sparsity, pattern)], pattern)[0]
 
     def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None) -> list[Tensor]:
-        if select is not None:
-            pruned = self.base.prune_many(weights, sparsities, pattern, select=select)
-        elif hasattr(self.base, "prune_many"):
-            pruned = self.base.prune_many(weights, sparsities, pattern)
-        else:
-            pruned = [self.base.prune(W, s, pattern) for W, s in zip(weights, sparsities)]
-        return self._refine(weights, pruned, pattern)
+        return self._refine(weights, self.base.prune_many(weights, sparsities, pattern, select=select), pattern)
+
+    def take_reports(self, count: int) -> list[dict | None]:
+        taken, self.reports = self.reports[:count], self.reports[count:]
+        return taken + [None] * (count - len(taken))
 
     def _refine(self, weights: list[Tensor], pruned: list[Tensor], pattern: Pattern) -> list[Tensor]:
         halves = self.stats.hessians()

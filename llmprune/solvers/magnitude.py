@@ -4,21 +4,19 @@ from __future__ import annotations
 from torch import Tensor
 
 from llmprune.masks import Pattern, select_mask
+from llmprune.solvers import Solver
 
 
-class MagnitudeSolver:
+class MagnitudeSolver(Solver):
     """Needs no data: unstructured compares |W| across the whole matrix, N:M within each group."""
 
     needs_data = False
 
-    def add_batch(self, x: Tensor) -> None:
+    def __init__(self, columns: int = 0, device=None):
         pass
 
     def row_separable(self, pattern: Pattern) -> bool:
         return pattern.structured  # unstructured compares the whole matrix
-
-    def reduce_(self, sum_) -> None:
-        pass
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         # W: [out, in]

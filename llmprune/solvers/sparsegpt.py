@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from llmprune.masks import Pattern, lowest_k
+from llmprune.solvers import Solver
 
 BLOCKSIZE = 128  # columns per lazy-update block (paper default)
 PERCDAMP = 0.01  # dampening: 0.01 × mean diag(H) (paper default)
@@ -55,10 +56,13 @@ def symmetric(upper_blocks: Tensor) -> Tensor:
     return upper + torch.triu(upper, 1).T
 
 
-class SparseGPTSolver:
+class SparseGPTSolver(Solver):
     """Accumulates the Hessian in fp32; its inverse is computed once and shared by every linear that reads the same input."""
 
-    needs_data = True
+    solves_together = True  # q/k/v (or gate/up) stacked: one pass of the column loop
+    # the unstructured mask of a column block is chosen over all its rows: rows can still be split (across processes)
+    # when the caller passes a `select` that chooses over every row
+    selects_across_rows = True
 
     def __init__(self, columns: int, device: torch.device, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP):
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in], upper block triangle
@@ -74,9 +78,9 @@ class SparseGPTSolver:
         self.tokens += x.shape[0]
         self._factor = None
 
-    # the unstructured mask of a column block is chosen over all its rows: rows can still be split (across processes)
-    # when the caller passes a `select` that chooses over every row
-    selects_across_rows = True
+    @property
+    def hessian(self) -> Tensor:
+        return self.H
 
     def row_separable(self, pattern: Pattern) -> bool:
         return pattern.structured
