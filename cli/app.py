@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from llmprune import __version__
+from llmprune.version import __version__
 
 app = typer.Typer(
     name="llmprune",

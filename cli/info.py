@@ -29,8 +29,8 @@ def info(
 ):
     """What a checkpoint holds: per-linear sparsity and N:M check, dense vs stored bytes, recipe, versions, eval."""
     setup_logging(verbose, quiet=json_output)
-    from llmprune.checkpoint import describe
-    from llmprune.checkpoint import plot as draw
+    from llmprune.describe import describe
+    from llmprune.describe import plot as draw
 
     result = describe(directory)
     if plot:

@@ -27,7 +27,8 @@ def main() -> None:
     import torch
 
     import llmprune
-    from llmprune import checkpoint
+    from llmprune import checkpoint, files
+    from llmprune.describe import describe
 
     work = Path(tempfile.mkdtemp(prefix="llmprune-ckpt-bench-"))
     rows = []
@@ -39,15 +40,15 @@ def main() -> None:
         for fmt in ("dense", "compressed"):
             out = work / f"{pattern.replace(':', 'of')}-{fmt}"
             started = time.perf_counter()
-            checkpoint.save(model, tokenizer, out, report=json.loads(json.dumps(report)), fmt=fmt, targets=targets)
+            checkpoint.save(model, tokenizer, out, report=json.loads(json.dumps(report)), fmt=fmt, pruned=targets)
             save_s = time.perf_counter() - started
             started = time.perf_counter()
             loaded, _ = llmprune.load(str(out))
             load_s = time.perf_counter() - started
             ref = model.state_dict()
             exact = all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
-            info = checkpoint.describe(out)
-            rows.append({"pattern": pattern, "format": info["format"], "weight_bytes": sum(f.stat().st_size for f in checkpoint.weight_files(out)),
+            info = describe(out)
+            rows.append({"pattern": pattern, "format": info["format"], "weight_bytes": sum(f.stat().st_size for f in files.weight_files(out)),
                          "linear_bytes": info["sizes"]["linear_stored_bytes"], "save_s": save_s, "load_s": load_s, "exact": exact})
             print(json.dumps(rows[-1]), flush=True)
     for row in rows:

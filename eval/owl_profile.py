@@ -29,14 +29,20 @@ def main() -> None:
     ap.add_argument("--json", help="also write the profile here")
     args = ap.parse_args()
 
+    import torch
+
     from llmprune import allocation, calibrate, data, models
+    from llmprune.plan import decide
+    from llmprune.recipe import Recipe
 
     model, tokenizer, _ = models.load_model(args.model)
     windows = data.calibration_windows(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     blocks_name, _ = models.find_blocks(model)
     profile = {}
     for m in (float(v) for v in args.ms.split(",")):
-        ratios, sizes = calibrate.outlier_ratios(model, windows, m=m)
+        plan = decide(Recipe.create(method="wanda", sparsity=args.sparsity, owl_m=m), model, windows,
+                      device=torch.device("cpu"), seqlen=windows.shape[1])
+        ratios, sizes = calibrate.outlier_ratios(model, windows, plan)
         sparsities = allocation.owl_blocks(ratios, sizes, args.sparsity, lam=args.lam)
         profile[f"{m:g}"] = {"outlier_ratios": ratios, "block_sparsity": sparsities}
         print(f"M = {m:g}: outlier ratio (%) by block: " + " ".join(f"{100 * r:.2f}" for r in ratios))

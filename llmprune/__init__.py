@@ -1,5 +1,5 @@
 """llmprune: one-shot LLM pruning (SparseGPT, Wanda, magnitude) for any decoder model."""
-__version__ = "0.1.0"
+from llmprune.version import __version__  # noqa: E402
 
 import importlib  # noqa: E402
 import importlib.abc  # noqa: E402

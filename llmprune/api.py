@@ -5,15 +5,19 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict
+import dataclasses
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmprune import calibrate, checkpoint, data, models
+from llmprune import plan as plan_
 from llmprune.errors import LlmpruneError
+from llmprune.partial import PartialRun, partial_path
 from llmprune.recipe import RECIPE_FILE, Recipe
+from llmprune.shards import ShardSource
 from llmprune.solvers import needs_data
 
 log = logging.getLogger(__name__)
@@ -21,290 +25,240 @@ log = logging.getLogger(__name__)
 DEFAULT_EVAL_SEQLEN = 2048  # SparseGPT's and DSnoT's evaluation window (Wanda's LLaMA-2 numbers use 4096)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    name = str(device or "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise LlmpruneError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto.") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LlmpruneError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu.")
-    return resolved
+from llmprune.plan import resolve_device  # noqa: E402,F401  (the CLI and evaluate resolve devices here too)
 
 
 def versions() -> dict:
     import transformers
 
-    from llmprune import __version__
+    from llmprune.version import __version__
 
     return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
-def prune(
-    model_or_path: str | nn.Module | None = None,
-    *,
-    recipe: Recipe | None = None,
-    tokenizer=None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    device: str | torch.device | None = "auto",
-    dtype: str | None = None,
-    microbatch: int | None = None,
-    format: str = "compressed",
-    resume: bool = False,
-    stream: bool | None = None,
-    offload_activations: str | os.PathLike | None = None,
-    checkpoint_every: float | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    **recipe_fields,
-):
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out, beside what it does (the Recipe): none of these change the masks.
+
+    format: 'compressed' (llmprune's sparse layout, the default), 'dense' (zeros stored; loads anywhere) or
+    'compressed-tensors' (0.14's layout). stream: read one decoder block at a time from the safetensors shards
+    (None: when the model would not fit in half the free memory). offload_activations: a directory for the
+    calibration activations (chosen in OUT.partial/ when they would not fit in memory). checkpoint_every: least
+    seconds between two saves of the partial run's state (default 60; 0 saves after every block).
+    """
+
+    device: str | torch.device | None = "auto"
+    dtype: str | None = None
+    microbatch: int | None = None
+    format: str = "compressed"
+    overwrite: bool = False
+    resume: bool = False
+    stream: bool | None = None
+    offload_activations: str | os.PathLike | None = None
+    checkpoint_every: float | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+_OPTION_FIELDS = {f.name for f in fields(RunOptions)}
+
+
+def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None = None, tokenizer=None,
+          out: str | os.PathLike | None = None, options: RunOptions | None = None, **fields_):
     """Prune a model; returns (model, report), the model None when it was streamed. Writes the checkpoint to `out`.
 
-    model_or_path: Hub id, local directory, .gguf file, the alias 'smollm2' (default), or a loaded
-    model (then pass its tokenizer for calibration). format: 'compressed' (compressed-tensors sparse
-    layout, the default) or 'dense' (zeros stored; loads with plain transformers). Recipe fields (method, sparsity, pattern,
-    calibration, nsamples, seqlen, seed, ignore, sequential) may be passed directly instead of `recipe`.
-    With `out`, the run's state lives in OUT.partial/ until OUT/ is complete; resume=True continues it.
-    stream: read one decoder block at a time from the safetensors shards (None: when the model would not fit
-    in half the free memory). offload_activations: a directory for the calibration activations (chosen in
-    OUT.partial/ when they would not fit in memory). checkpoint_every: least seconds between two saves of the
-    partial run's state (default 60; 0 saves after every block). Under torchrun, the calibration data and the solves are
-    shared by the processes.
+    model_or_path: Hub id (owner/name[@revision]), local directory, .gguf file, the alias 'smollm2' (default), or a
+    loaded model (then pass its tokenizer for calibration). What to do is the `recipe`, or its fields passed
+    directly (method, sparsity, pattern, calibration, nsamples, seqlen, seed, ignore, sequential, ...); how, the
+    `options` (RunOptions), or their fields passed directly (device, format, stream, resume, ...). With `out`, the
+    run's state lives in OUT.partial/ until OUT/ is complete; resume=True continues it. Under torchrun, the
+    calibration data and the solves are shared by the processes.
 
     >>> model, report = prune("smollm2", method="wanda", sparsity=0.5, calibration="wikitext2-valid",
     ...                       nsamples=16, seqlen=256)                                # doctest: +SKIP
     """
-    from llmprune import distributed, streaming
+    from llmprune import distributed
 
     started = time.perf_counter()
+    option_fields = {k: fields_.pop(k) for k in list(fields_) if k in _OPTION_FIELDS}
+    options = dataclasses.replace(options or RunOptions(), **option_fields)
     if recipe is None:
-        recipe = Recipe.create(**recipe_fields)
-    elif recipe_fields:
-        raise TypeError(f"pass either recipe= or recipe fields, not both: {sorted(recipe_fields)}")
-    checkpoint.check_format(format)
-    if out is None and (resume or stream):
-        raise LlmpruneError(f"{'--resume' if resume else '--stream'} needs --out: the finished blocks are kept beside it.")
-    compute = resolve_device(device)
+        recipe = Recipe.create(**fields_)
+    elif fields_:
+        raise TypeError(f"pass either recipe= or recipe fields, not both: {sorted(fields_)}")
+    checkpoint.check_format(options.format)
+    if out is None and (options.resume or options.stream):
+        raise LlmpruneError(f"{'--resume' if options.resume else '--stream'} needs --out: the finished blocks are kept beside it.")
+    compute = plan_.resolve_device(options.device)
     dist = distributed.from_environment(compute)
     compute = distributed.local_device(compute)
-    target = checkpoint.check_output(out, overwrite=overwrite) if out is not None else None
-    partial, progress = _leftover_run(out, resume)
+    out_dir = checkpoint.check_output(out, overwrite=options.overwrite) if out is not None else None
+    partial, progress = _leftover_run(out, options.resume)
     dist.barrier()  # every rank has looked before rank 0 may create OUT.partial
 
     timings = {}
-    model, tokenizer, source, shards = _load(model_or_path, tokenizer, stream=stream, dtype=dtype, dist=dist,
-                                             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model, tokenizer, source, shards = _load(model_or_path, tokenizer, options, dist)
     timings["load_s"] = time.perf_counter() - started
-
-    seqlen = recipe.seqlen
-    limit = models.max_positions(model)
-    notes = []
-    if limit is not None and seqlen > limit:
-        notes.append(f"seqlen {seqlen} capped to the model's max positions {limit}")
-        log.warning("--seqlen %d exceeds the model's max positions; using %d", seqlen, limit)
-        seqlen = limit
-
-    refine = recipe.dsnot
+    seqlen, capped = plan_.capped_seqlen(recipe.seqlen, model)
     windows = None
-    data_needed = needs_data(recipe.method, refine)
-    if data_needed or recipe.allocation == "owl":
+    if needs_data(recipe.method, recipe.dsnot) or recipe.allocation == "owl":
         if tokenizer is None:
             raise LlmpruneError(f"this recipe ({recipe.method}, {recipe.allocation}, refine {recipe.refine}) needs calibration text, "
                                 "so pass the model's tokenizer too.")
         t0 = time.perf_counter()
-        windows = data.calibration_windows(recipe.calibration, tokenizer, nsamples=recipe.nsamples,
-                                           seqlen=seqlen, seed=recipe.seed)
+        windows = data.calibration_windows(recipe.calibration, tokenizer, nsamples=recipe.nsamples, seqlen=seqlen, seed=recipe.seed)
         timings["data_s"] = time.perf_counter() - t0
-
-    model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    offload, sequential = _place_activations(offload_activations, windows, model, partial, dist, compute,
-                                             recipe.sequential)
-    if offload is None and sequential != recipe.sequential:
-        notes.append("two-pass schedule: the sequential one would not fit the calibration activations in memory")
+    plan = plan_.decide(recipe, model, windows, device=compute, seqlen=seqlen, microbatch=options.microbatch,
+                        activations=options.offload_activations, partial=partial, dist=dist,
+                        checkpoint_every=options.checkpoint_every, streamed=shards is not None,
+                        notes=(capped,) if capped else ())
     run = None
-    if target is not None:
-        options = {"model": source["spec"], "recipe": recipe.to_dict(), "seqlen": seqlen, "dtype": model_dtype,
-                   "microbatch": microbatch or (calibrate.default_microbatch(seqlen) if windows is not None else None),
-                   "processes": dist.world, "two_pass": not sequential or offload is not None}
-        run = streaming.PartialRun(partial, model, options=options, dist=dist, source=shards,
-                                   every=streaming.CHECKPOINT_SECONDS if checkpoint_every is None else checkpoint_every)
+    if out_dir is not None:
+        run = PartialRun(partial, model, options={"model": source["spec"], **plan.to_dict()}, dist=dist,
+                                   source=shards, every=plan.checkpoint_every)
+    try:
+        plan, linears, allocated, resumed_after = _run(model, windows, plan, run, progress, dist, timings)
+    finally:
+        _clean_offload(plan.activations, asked=options.offload_activations is not None, dist=dist)
+
+    report = _report(recipe, plan, source, model, linears, allocated, timings)
+    if resumed_after is not None:
+        report["resumed_after_block"] = resumed_after
+    if out_dir is not None:
+        _save(model, tokenizer, out_dir, report, run, recipe, options, partial, shards, dist, timings)
+    timings["total_s"] = time.perf_counter() - started
+    return (None if shards is not None else model), report
+
+
+def _run(model, windows, plan: plan_.Plan, run, progress, dist, timings):
+    """OWL's allocation (where asked) and the pruning, as the plan says, taken up after the blocks a partial run
+    saved; (the plan with its allocation, each linear's result, OWL's allocation, the block resumed after)."""
     try:
         start, inputs, allocated = 0, None, None
         if progress is not None:
-            inputs = run.resume(progress, needs_inputs=data_needed)
-            start, allocated, notes = run.done_blocks, run.extra.get("allocation"), run.extra.get("notes", notes)
-            log.info("resuming %s after block %d of %d", partial, start, run.total)
-        if recipe.allocation == "owl" and allocated is None:
+            inputs = run.resume(progress, needs_inputs=plan.needs_data)
+            start, allocated = run.done_blocks, run.extra.get("allocation")
+            plan = dataclasses.replace(plan, notes=tuple(run.extra.get("notes", plan.notes)))
+            log.info("resuming %s after block %d of %d", run.path, start, run.total)
+        if plan.recipe.allocation == "owl" and allocated is None:
             t0 = time.perf_counter()
-            allocated = _owl(model, windows, recipe, microbatch, compute, run, dist, offload)
+            allocated = _owl(model, windows, plan, run, dist)
             timings["allocation_s"] = time.perf_counter() - t0
-        sparsity_of = _sparsity_of(model, recipe, allocated["block_sparsity"] if allocated else None)
+        if allocated is not None:
+            plan = plan.with_allocation(allocated["block_sparsity"])
         if run is not None and progress is None:
-            run.start({"allocation": allocated, "notes": notes})
-
+            run.start({"allocation": allocated, "notes": list(plan.notes)})
         t0 = time.perf_counter()
-        results = calibrate.prune_model(
-            model, windows, method=recipe.method, sparsity=sparsity_of, pattern=recipe.parsed_pattern,
-            ignore=recipe.ignore, targets=recipe.targets, sequential=sequential, microbatch=microbatch,
-            device=compute, refine=refine, store=run, start=start, inputs=inputs, dist=dist, offload=offload,
-        ) if run is None or start < run.total else []
+        results = calibrate.prune_model(model, windows, plan, run, resume=(start, inputs), dist=dist) \
+            if run is None or start < run.total else []
         timings["prune_s"] = time.perf_counter() - t0
-        _clean_offload(offload, asked=offload_activations is not None, dist=dist)
     except BaseException as exc:
-        _clean_offload(offload, asked=offload_activations is not None, dist=dist)
         if run is not None and progress is None and run.saved_blocks == 0:
             run.remove()  # nothing worth resuming
         elif run is not None and isinstance(exc, KeyboardInterrupt):
             saved = "" if run.saved_blocks == run.done_blocks else f" (the last save holds {run.saved_blocks})"
             raise LlmpruneError(f"interrupted after {run.done_blocks} of {run.total} blocks{saved}; continue with --resume "
-                                f"(the finished blocks are kept in {partial}).") from None
+                                f"(the finished blocks are kept in {run.path}).") from None
         raise
-
     linears = run.results if run is not None else [asdict(r) for r in results]
+    return plan, linears, allocated, (start if progress is not None else None)
+
+
+def _report(recipe: Recipe, plan: plan_.Plan, source: dict, model, linears: list[dict], allocated: dict | None,
+            timings: dict) -> dict:
     total = sum(r["shape"][0] * r["shape"][1] for r in linears)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in linears)
-    report = {
+    return {
         "recipe": recipe.to_dict(),
-        "seqlen_used": seqlen,
-        "notes": notes,
+        "seqlen_used": plan.seqlen,
+        "notes": list(plan.notes),
         "model": source,
         "model_class": type(model).__name__,
-        "dtype": model_dtype,
-        "device": str(compute),
-        "processes": dist.world,
+        "dtype": plan.dtype,
+        "device": str(plan.device),
+        "processes": plan.processes,
         "sparsity": zeros / total,
         "allocation": allocated,
         "linears": linears,
         "timings": timings,
         "versions": versions(),
     }
-    if progress is not None:
-        report["resumed_after_block"] = start
-    if target is not None:
-        t0 = time.perf_counter()
-        report["output"] = str(target)
-        files = {RECIPE_FILE: recipe.to_yaml("the recipe this checkpoint was pruned with; "
-                                             "`llmprune prune MODEL --recipe recipe.yaml` reproduces its masks")}
-        pruned = {r["name"] for r in linears if r["sparsity"] > 0}
-        if dist.main:
-            try:
-                if shards is not None:
-                    run.assemble(target, tokenizer=tokenizer, fmt=format, targets=pruned, report=report, files=files,
-                                 overwrite=overwrite)
-                else:
-                    checkpoint.save(model, tokenizer, target, report=report, fmt=format, overwrite=overwrite,
-                                    targets=pruned, files=files)
-            except KeyboardInterrupt:
-                if run.saved_blocks == 0:
-                    run.remove()
-                    raise LlmpruneError(f"interrupted while saving {target}; nothing was written (the run was shorter than "
-                                        "--checkpoint-every, so no state was kept): run the command again.") from None
-                kept = ("every pruned block is" if run.saved_blocks == run.total
-                        else f"the first {run.saved_blocks} of {run.total} pruned blocks are")
-                raise LlmpruneError(f"interrupted while saving {target}; nothing of it was written, and {kept} kept in "
-                                    f"{partial}: rerun with --resume to continue from there.") from None
-            run.remove()
-        dist.barrier()
-        timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - started
-    return (None if shards is not None else model), report
+
+
+def _save(model, tokenizer, out_dir: Path, report: dict, run, recipe: Recipe, options: RunOptions, partial, shards, dist,
+          timings) -> None:
+    """Write OUT/ (rank 0), from the model in memory or, streamed, from the finished blocks; then drop OUT.partial/."""
+    t0 = time.perf_counter()
+    report["output"] = str(out_dir)
+    files = {RECIPE_FILE: recipe.to_yaml("the recipe this checkpoint was pruned with; "
+                                         "`llmprune prune MODEL --recipe recipe.yaml` reproduces its masks")}
+    pruned = {r["name"] for r in report["linears"] if r["sparsity"] > 0}
+    if dist.main:
+        try:
+            if shards is not None:
+                run.assemble(out_dir, tokenizer=tokenizer, fmt=options.format, pruned=pruned, report=report, files=files,
+                             overwrite=options.overwrite)
+            else:
+                checkpoint.save(model, tokenizer, out_dir, report=report, fmt=options.format, overwrite=options.overwrite,
+                                pruned=pruned, files=files)
+        except KeyboardInterrupt:
+            if run.saved_blocks == 0:
+                run.remove()
+                raise LlmpruneError(f"interrupted while saving {out_dir}; nothing was written (the run was shorter than "
+                                    "--checkpoint-every, so no state was kept): run the command again.") from None
+            kept = ("every pruned block is" if run.saved_blocks == run.total
+                    else f"the first {run.saved_blocks} of {run.total} pruned blocks are")
+            raise LlmpruneError(f"interrupted while saving {out_dir}; nothing of it was written, and {kept} kept in "
+                                f"{partial}: rerun with --resume to continue from there.") from None
+        run.remove()
+    dist.barrier()
+    timings["save_s"] = time.perf_counter() - t0
 
 
 def _leftover_run(out, resume: bool):
     """OUT.partial's path and, with resume, the progress record of the run it holds (None: start afresh)."""
-    from llmprune import streaming
-
     if out is None:
         return None, None
-    partial = streaming.partial_path(out)
+    partial = partial_path(out)
     if partial.exists():
         if not resume:
             raise LlmpruneError(f"{partial} holds an unfinished run; continue it with --resume (same options), "
                                 f"or delete it to start over: rm -r '{partial}'")
-        return partial, streaming.PartialRun.read_progress(partial)
+        return partial, PartialRun.read_progress(partial)
     if resume:
         log.info("nothing to resume in %s; starting from the first block", partial)
     return partial, None
 
 
-def _load(model_or_path, tokenizer, *, stream: bool | None, dtype: str | None, dist, allow_pickle: bool,
-          trust_remote_code: bool):
+def _load(model_or_path, tokenizer, options: RunOptions, dist):
     """(model, tokenizer, source description, ShardSource or None): a streamed model is built on the meta device."""
-    from llmprune import streaming
-
     if isinstance(model_or_path, nn.Module):
-        if stream:
+        if options.stream:
             raise LlmpruneError("--stream reads a model directory block by block; pass its path, not a loaded model.")
-        if dtype is not None:
-            model_or_path.to(models.parse_dtype(dtype))
+        if options.dtype is not None:
+            model_or_path.to(models.parse_dtype(options.dtype))
         return model_or_path, tokenizer, {"spec": type(model_or_path).__name__, "kind": "module"}, None
     src = models.resolve_source(model_or_path)
-    stream_dir = _stream_directory(src, stream, dtype, dist)
-    if stream_dir is not None:
-        from transformers import AutoTokenizer
+    if options.stream is not False and src.kind != "gguf":
+        directory = Path(src.path) if src.kind == "dir" else _hub_snapshot(src.path, src.revision)
+        if plan_.should_stream(directory, options.stream, options.dtype, what=src.spec):
+            from transformers import AutoTokenizer
 
-        shards = streaming.ShardSource(stream_dir)
-        try:
-            model = shards.build(models.parse_dtype(dtype), trust_remote_code=trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(str(stream_dir), trust_remote_code=trust_remote_code)
-            return model, tokenizer, {**asdict(src), "streamed": True}, shards
-        except LlmpruneError as exc:
-            if stream:
-                raise
-            log.warning("cannot stream this checkpoint (%s); loading it whole", exc)
-    model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=dtype, allow_pickle=allow_pickle,
-                                                  trust_remote_code=trust_remote_code)
+            shards = ShardSource(directory)
+            try:
+                model = shards.build(models.parse_dtype(options.dtype), trust_remote_code=options.trust_remote_code)
+                tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=options.trust_remote_code)
+                return model, tokenizer, {**asdict(src), "streamed": True}, shards
+            except LlmpruneError as exc:
+                if options.stream:
+                    raise
+                log.warning("cannot stream this checkpoint (%s); loading it whole", exc)
+    elif options.stream and src.kind == "gguf":
+        raise LlmpruneError("--stream reads safetensors shards; a GGUF model is converted in memory: drop --stream.")
+    model, tokenizer, src = checkpoint.load_model(model_or_path, dtype=options.dtype, allow_pickle=options.allow_pickle,
+                                                  trust_remote_code=options.trust_remote_code)
     return model, tokenizer, {**asdict(src), "streamed": False}, None
-
-
-def _activation_bytes(windows, model: nn.Module, dist, sequential: bool) -> int:
-    """Memory the calibration activations take in one process. Two-pass holds each micro-batch's block input and
-    output (2 hidden states a token); sequential runs every micro-batch through the block in lockstep, so at the
-    MLP's down projection each holds its input, the residual, the normed input and the MLP's inner product:
-    3 hidden states and one intermediate (5.4 hidden states a token on SmolLM2, measured from peak RSS against
-    two-pass; 3 + 1536 / 576 = 5.7 predicted)."""
-    config = model.config.get_text_config()
-    hidden = config.hidden_size
-    inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    per_token = 3 * hidden + inner if sequential else 2 * hidden
-    itemsize = next(model.parameters()).element_size()
-    return windows.numel() // dist.world * per_token * itemsize
-
-
-def _place_activations(asked, windows, model: nn.Module, partial: Path | None, dist, device: torch.device,
-                       sequential: bool) -> tuple[Path | None, bool]:
-    """(where the calibration activations go, whether the sequential schedule runs): the asked directory; else in
-    memory (on the compute device, where they live) with the asked schedule when its activations fit (see
-    `_activation_bytes`), in memory with the two-pass schedule when only its activations fit, and otherwise in
-    OUT.partial/activations (a temporary directory without --out), one micro-batch in memory at a time."""
-    if asked is not None:
-        return Path(asked).expanduser(), sequential
-    if windows is None:
-        return None, sequential
-    free = _free_memory(device)
-    if free is None:
-        return None, sequential
-    asked_bytes = _activation_bytes(windows, model, dist, sequential)
-    if asked_bytes <= free:
-        return None, sequential
-    needed = _activation_bytes(windows, model, dist, False) if sequential else asked_bytes
-    if needed <= free:  # only with sequential asked: two-pass needs less
-        log.warning("running the two-pass schedule: the sequential one holds every micro-batch's activations at once "
-                    "(%.1f GB here), more than the %.1f GB free", asked_bytes / 1e9, free / 1e9)
-        return None, False
-    if partial is not None:
-        where = partial / "activations"
-    else:
-        import tempfile
-
-        where = Path(tempfile.mkdtemp(prefix="llmprune-activations-"))
-    log.warning("offloading the calibration activations to %s: they would take %.1f GB, %.1f GB is free", where,
-                needed / 1e9, free / 1e9)
-    return where, sequential
 
 
 def _clean_offload(offload: Path | None, *, asked: bool, dist) -> None:
@@ -315,44 +269,6 @@ def _clean_offload(offload: Path | None, *, asked: bool, dist) -> None:
         file.unlink(missing_ok=True)
     if not asked and not any(offload.iterdir()):
         offload.rmdir()
-
-
-def _stream_directory(src: models.ModelSource, stream: bool | None, dtype: str | None, dist) -> Path | None:
-    """The safetensors directory to stream from, or None to load the model whole: --stream forces streaming,
-    --no-stream forbids it, and by default a model streams when it would take more than half the free memory."""
-    if stream is False:
-        return None
-    if src.kind == "gguf":
-        if stream:
-            raise LlmpruneError("--stream reads safetensors shards; a GGUF model is converted in memory: drop --stream.")
-        return None
-    directory = Path(src.path) if src.kind == "dir" else _hub_snapshot(src.path, src.revision)
-    if directory is None:
-        if stream:
-            raise LlmpruneError(f"could not fetch the safetensors shards of '{src.spec}' to stream them; check the name "
-                                "and your network, or pass a local directory.")
-        return None
-    if checkpoint.read_format(directory) is not None:
-        if stream:
-            raise LlmpruneError(f"{directory} is a compressed checkpoint; streaming reads dense safetensors: drop --stream.")
-        return None
-    if stream:
-        return directory
-    size = sum(f.stat().st_size for f in checkpoint.weight_files(directory) if f.is_file())
-    wanted = models.parse_dtype(dtype)
-    if wanted is not None:
-        import json
-
-        config = json.loads((directory / "config.json").read_text())
-        stored = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
-        size = size * wanted.itemsize // stored.itemsize
-    free = _free_memory()
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if free is None or size <= free / 2 / processes:
-        return None
-    log.warning("streaming: the model (%.1f GB) would take more than half the free memory (%.1f GB%s); its blocks are "
-                "read from disk one at a time", size / 1e9, free / 1e9, f" for {processes} processes" if processes > 1 else "")
-    return directory
 
 
 def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
@@ -368,47 +284,16 @@ def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     return path if list(path.glob("*.safetensors")) else None
 
 
-def _free_memory(device: torch.device | None = None) -> int | None:
-    """Free bytes where tensors on `device` live: the GPU's free memory for CUDA, else the host's available memory."""
-    if device is not None and device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except RuntimeError:
-            return None
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _owl(model, windows, recipe: Recipe, microbatch: int | None, device, store, dist, offload) -> dict:
+def _owl(model, windows, plan: plan_.Plan, store, dist) -> dict:
     """OWL's per-block sparsities from the dense model's outlier ratios."""
     from llmprune import allocation
 
-    ratios, sizes = calibrate.outlier_ratios(model, windows, m=recipe.owl_m, ignore=recipe.ignore, targets=recipe.targets,
-                                             microbatch=microbatch, device=device, store=store, dist=dist, offload=offload)
+    recipe = plan.recipe
+    ratios, sizes = calibrate.outlier_ratios(model, windows, plan, store, dist=dist)
     block_sparsity = allocation.owl_blocks(ratios, sizes, recipe.sparsity, lam=recipe.owl_lambda)
     log.info("OWL block sparsities: %s", ", ".join(f"{v:.3f}" for v in block_sparsity))
     return {"method": "owl", "m": recipe.owl_m, "lambda": recipe.owl_lambda, "outlier_ratios": ratios,
             "block_sparsity": block_sparsity}
-
-
-def _sparsity_of(model, recipe: Recipe, block_sparsity: list[float] | None):
-    """The sparsity of each linear by full name: an override, else its block's allocation, else the target."""
-    blocks_name, _ = models.find_blocks(model)
-
-    def sparsity_of(name: str) -> float:
-        value = recipe.sparsity_override(name)
-        if value is not None:
-            return value
-        if block_sparsity is None:
-            return recipe.sparsity
-        return block_sparsity[int(name[len(blocks_name) + 1:].split(".", 1)[0])]
-    return sparsity_of
 
 
 def evaluate(

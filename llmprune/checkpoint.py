@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,9 +16,8 @@ from torch import Tensor
 
 from llmprune import formats
 from llmprune.errors import LlmpruneError
-from llmprune.files import (DTYPE_OF_NAME, TensorReader, check_writable, read_header, read_json,  # noqa: F401
-                            return_freed_memory, weight_files, write_tensors)
-from llmprune.masks import Pattern, parse_pattern, pattern_holds
+from llmprune.files import (TensorReader, check_writable, read_json, return_freed_memory, weight_files,
+                            write_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +71,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
 
 
 def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "compressed",
-         targets: set[str] | None = None, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
-    """Write the model to `out`: dense (zeros where pruned) or compressed (targets = names of the pruned linears,
+         pruned: set[str] | None = None, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+    """Write the model to `out`: dense (zeros where pruned) or compressed (pruned = names of the pruned linears,
     module paths or expert projections `EXPERTS.PARAM.E`, stored in a sparse layout: see OUTPUT_FORMATS), plus text
     `files` by name. Atomic."""
     check_format(fmt)
@@ -82,7 +80,7 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         modules = dict(model.named_modules())
-        experts = set(targets or ()) - modules.keys()
+        experts = set(pruned or ()) - modules.keys()
         also = fused = layout = None
         if fmt != "dense" and experts:
             if CONFIG_BLOCK[fmt] == formats.LLMPRUNE:
@@ -92,11 +90,11 @@ def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "
                                       lambda name: models.stored_names(model, name))
             else:
                 also = split_experts(model)
-        if fmt != "dense" and targets and also is None:  # chosen from the weights in memory, as they are saved
-            weights = {t: modules[t].weight.detach() for t in targets if t in modules}
+        if fmt != "dense" and pruned and also is None:  # chosen from the weights in memory, as they are saved
+            weights = {t: modules[t].weight.detach() for t in pruned if t in modules}
             weights.update({name: get() for name, (get, _) in (fused or {}).items()})
             layout = formats.choose_format(weights) if weights else None
-        finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, targets=(targets or set()) & modules.keys(),
+        finish_directory(tmp, tokenizer=tokenizer, report=report, fmt=fmt, pruned=(pruned or set()) & modules.keys(),
                          also=also, fused=fused, files=files, layout=layout)
     return out
 
@@ -114,17 +112,17 @@ def fused_experts(names: set[str], tensor_of: Callable[[str], Tensor],
     return fused
 
 
-def finish_directory(tmp: Path, *, tokenizer, report: dict, fmt: str, targets: set[str], files: dict[str, str] | None,
+def finish_directory(tmp: Path, *, tokenizer, report: dict, fmt: str, pruned: set[str], files: dict[str, str] | None,
                      also=None, fused=None, layout: str | None = None) -> None:
-    """Complete a directory that holds the dense shards and config.json: compress the targets' weights (`T.weight`
-    for T in targets, as saved; `also` and `fused` as compress_directory takes them) unless fmt is dense, then the
+    """Complete a directory that holds the dense shards and config.json: compress the pruned linears' weights
+    (`P.weight` for P in pruned, as saved; `also` and `fused` as compress_directory takes them) unless fmt is dense, then the
     tokenizer, text `files` and llmprune.json."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     report["format"] = fmt
     report["layout"] = "dense"
-    if fmt != "dense" and (targets or also is not None or fused):
-        written = compress_directory(tmp, targets, fmt=layout, also=also, fused=fused, block=CONFIG_BLOCK[fmt])
+    if fmt != "dense" and (pruned or also is not None or fused):
+        written = compress_directory(tmp, pruned, fmt=layout, also=also, fused=fused, block=CONFIG_BLOCK[fmt])
         report["format"] = written["format"]
         report["layout"] = CONFIG_BLOCK[fmt]
         sizes = written["linears"]
@@ -152,19 +150,19 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
         raise LlmpruneError("--out must differ from the source directory; conversion never rewrites its input.")
     model, tokenizer, _ = load_model(str(source), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report = read_report(source)
-    targets = None
+    pruned = None
     if fmt != "dense":
         blocks_name, blocks = models.find_blocks(model)
         names = {name for i, block in enumerate(blocks) for name in models.find_linears(block, f"{blocks_name}.{i}")}
         modules = dict(model.named_modules())
         # store compressed only the linears whose zeros make the compressed layout smaller
-        targets = {n for n in names if _worth_compressing(models.get_weight(modules[n]))}
-        targets |= {p.name for i, block in enumerate(blocks) for p in models.find_linears(block, f"{blocks_name}.{i}", experts=True).values()
+        pruned = {n for n in names if _worth_compressing(models.get_weight(modules[n]))}
+        pruned |= {p.name for i, block in enumerate(blocks) for p in models.find_linears(block, f"{blocks_name}.{i}", experts=True).values()
                     if isinstance(p, models.ExpertProjection) and _worth_compressing(p.weight_view)}
     report.setdefault("converted_from", str(source))
-    target = save(model, tokenizer, out, report=report, fmt=fmt, targets=targets, overwrite=overwrite)
-    size = sum(f.stat().st_size for f in weight_files(target))
-    return {"source": str(source), "output": str(target), "format": report.get("format", fmt), "bytes": size}
+    written = save(model, tokenizer, out, report=report, fmt=fmt, pruned=pruned, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in weight_files(written))
+    return {"source": str(source), "output": str(written), "format": report.get("format", fmt), "bytes": size}
 
 
 def split_experts(model):
@@ -270,20 +268,6 @@ def read_format(directory: str | Path) -> str | None:
     return None if layout is None else layout[1]
 
 
-def loads_with(directory: str | Path) -> str:
-    """What loads this checkpoint, for `llmprune info` and error messages."""
-    layout = read_layout(directory)
-    if layout is None:
-        return "dense safetensors: loads anywhere (plain transformers, vLLM, llmprune)"
-    if layout[0] == formats.LLMPRUNE:
-        return ("llmprune's compressed layout: loads with llmprune.load, or with transformers' from_pretrained after "
-                "`import llmprune`; plain transformers stops with an error naming llmprune. For tools without llmprune: "
-                "llmprune convert DIR --format dense --out DENSE_DIR")
-    return ("compressed-tensors 0.14's layout: loads with llmprune.load, or with transformers 4 and compressed-tensors <= 0.14; "
-            "transformers with a newer compressed-tensors loads random weights into its pruned linears, so convert it: "
-            "llmprune convert DIR --format compressed --out DIR2")
-
-
 # ---- safetensors ----------------------------------------------------------------------------------------
 
 
@@ -321,9 +305,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def compress_directory(directory: str | Path, targets: set[str], fmt: str | None = None, also=None, fused=None,
+def compress_directory(directory: str | Path, pruned: set[str], fmt: str | None = None, also=None, fused=None,
                        block: str = formats.LLMPRUNE) -> dict:
-    """Rewrite the dense safetensors of a saved model into a sparse layout: every `T.weight` with T in targets (or for
+    """Rewrite the dense safetensors of a saved model into a sparse layout: every `P.weight` with P in pruned (or for
     which also(key, tensor) holds) is stored compressed, and config.json gets the `block` (formats.LLMPRUNE or
     formats.COMPRESSED_TENSORS). `fused` maps a fused experts parameter's name to (a getter of its tensor, the
     per-expert names it is stored under): llmprune's block stores it whole, compressed under its own name, in place
@@ -352,12 +336,12 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
                     continue
                 stem = key[: -len(".weight")]
                 linears.add(stem)
-                W = handle.get_tensor(key) if also is not None or (stem in targets and all_24 and fmt is None) else None
-                if stem in targets or (also is not None and also(key, W)):
+                W = handle.get_tensor(key) if also is not None or (stem in pruned and all_24 and fmt is None) else None
+                if stem in pruned or (also is not None and also(key, W)):
                     chosen.add(stem)
                     all_24 = all_24 and fmt is None and formats.choose_format({stem: W}) == formats.SPARSE24
-    if not set(targets) <= chosen:
-        raise ValueError(f"weights not found in the checkpoint: {sorted(set(targets) - chosen)[:5]}")
+    if not set(pruned) <= chosen:
+        raise ValueError(f"weights not found in the checkpoint: {sorted(set(pruned) - chosen)[:5]}")
     if set(fused) - home.keys():
         raise ValueError(f"stored experts not found in the checkpoint: {sorted(set(fused) - home.keys())[:5]}")
     if fmt is None:
@@ -377,10 +361,10 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
 
     renamed = block == formats.LLMPRUNE
     for k, file in enumerate(files):
-        target = file
+        written = file
         if renamed:
             stem = formats.WEIGHTS_STEM
-            target = directory / (f"{stem}.safetensors" if len(files) == 1 else f"{stem}-{k + 1:05d}-of-{len(files):05d}.safetensors")
+            written = directory / (f"{stem}.safetensors" if len(files) == 1 else f"{stem}-{k + 1:05d}-of-{len(files):05d}.safetensors")
         with TensorReader(file) as handle:
             entries = []
             for key in handle.keys():
@@ -394,10 +378,10 @@ def compress_directory(directory: str | Path, targets: set[str], fmt: str | None
             for name, (get, _) in fused.items():
                 if home[name] == file:
                     entries += compressed(name, get())
-            write_tensors(target, entries, {"format": "pt"})  # written aside, then renamed (over the file read here)
-        if target != file:
+            write_tensors(written, entries, {"format": "pt"})  # written aside, then renamed (over the file read here)
+        if written != file:
             file.unlink()
-        weight_map.update({name: target.name for name, *_ in entries})
+        weight_map.update({name: written.name for name, *_ in entries})
     index = directory / "model.safetensors.index.json"
     if renamed:
         index.unlink(missing_ok=True)
@@ -516,154 +500,3 @@ def _hub_snapshot_if_compressed(repo_id: str, revision: str | None = None) -> Pa
         return None
     return Path(snapshot_download(repo_id, revision=revision,
                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-
-
-# ---- describing a checkpoint (`llmprune info`) --------------------------------------------------------
-
-
-def _check_directory(directory: Path) -> None:
-    if not directory.is_dir():
-        raise LlmpruneError(f"'{directory}' is not a directory; pass a model directory (config.json + *.safetensors).")
-    if not weight_files(directory):
-        if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
-            raise LlmpruneError(f"{directory} holds only pickle weights (.bin/.pt), which llmprune does not open; "
-                                "convert them to safetensors with transformers' save_pretrained(safe_serialization=True).")
-        raise LlmpruneError(f"{directory} holds no .safetensors weights; is it a model directory?")
-
-
-def describe(directory: str | Path) -> dict:
-    """Per-linear sparsity, pattern check and sizes; totals; layout and what loads it; recipe, versions and eval
-    from llmprune.json."""
-    directory = Path(directory)
-    _check_directory(directory)
-    declared = read_layout(directory)
-    fmt = declared[1] if declared else formats.DENSE
-    report = read_report(directory)
-    pattern = _declared_pattern(report, directory)
-    params = formats.PARAMS.get(fmt, ())
-
-    linears: dict[str, dict] = {}
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    other_bytes = 0
-    for file in weight_files(directory):
-        with TensorReader(file) as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                prefix, _, suffix = key.rpartition(".")
-                if suffix in params:
-                    groups.setdefault(prefix, {})[suffix] = tensor
-                elif suffix == "weight" and tensor.dim() == 2 and "embed" not in prefix:
-                    linears[prefix] = _entry(prefix, tensor, tensor.numel() * tensor.element_size(), pattern)
-                else:
-                    other_bytes += tensor.numel() * tensor.element_size()
-    for prefix, parts in groups.items():
-        prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
-        W = formats.decompress(fmt, parts, prefix)
-        stored = formats.stored_bytes(parts)
-        if W.dim() == 2:
-            linears[prefix] = _entry(prefix, W, stored, pattern)
-            continue
-        experts = W.reshape(-1, *W.shape[-2:])  # a fused experts parameter: one row per expert, named as llmprune.json does
-        for e, We in enumerate(experts):
-            linears[f"{prefix}.{e}"] = _entry(f"{prefix}.{e}", We, stored // len(experts), pattern)
-    if not linears:
-        raise LlmpruneError(f"{directory} holds no 2-D linear weights; is it a causal LM checkpoint?")
-
-    rows = [linears[k] for k in sorted(linears, key=_natural)]
-    dense_linear = sum(r["dense_bytes"] for r in rows)
-    stored_linear = sum(r["stored_bytes"] for r in rows)
-    files_bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    zeros = sum(r["zeros"] for r in rows)
-    numel = sum(r["numel"] for r in rows)
-    failing = [r["name"] for r in rows if r.get("pattern_ok") is False]
-    return {
-        "directory": str(directory),
-        "format": fmt,
-        "layout": declared[0] if declared else "dense",
-        "loads_with": loads_with(directory),
-        "pattern": str(pattern) if pattern else None,
-        "pattern_ok": None if pattern is None else not failing,
-        "pattern_failures": failing,
-        "linears": rows,
-        "sparsity": zeros / numel,
-        "sizes": {
-            "linear_dense_bytes": dense_linear,
-            "linear_stored_bytes": stored_linear,
-            "linear_ratio": stored_linear / dense_linear,
-            "directory_bytes": files_bytes,
-            "directory_dense_bytes": files_bytes - stored_linear + dense_linear,
-            "directory_ratio": files_bytes / (files_bytes - stored_linear + dense_linear),
-        },
-        "recipe": report.get("recipe"),
-        "experts": [{k: r.get(k) for k in ("name", "tokens", "fallback", "sparsity")}
-                    for r in report.get("linears", []) if r.get("tokens") is not None or r.get("fallback")],
-        "versions": report.get("versions"),
-        "eval": report.get("eval"),
-    }
-
-
-def _entry(name: str, W: torch.Tensor, stored: int, pattern: Pattern | None) -> dict:
-    zeros = int((W == 0).sum())
-    entry = {"name": name, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", ""), "numel": W.numel(),
-             "zeros": zeros, "sparsity": zeros / W.numel(), "dense_bytes": W.numel() * W.element_size(),
-             "stored_bytes": stored}
-    if pattern is not None and pattern.structured and zeros:
-        entry["pattern_ok"] = pattern_holds(W, pattern)
-    return entry
-
-
-def _declared_pattern(report: dict, directory: Path) -> Pattern | None:
-    recipe = report.get("recipe") or {}
-    if recipe.get("pattern"):
-        return parse_pattern(recipe["pattern"])
-    qc = (read_config(directory) or {}).get("quantization_config")
-    if isinstance(qc, dict):
-        structure = qc.get("sparsity_structure") or (qc.get("sparsity_config") or {}).get("sparsity_structure")
-        if structure and re.fullmatch(r"\d+:\d+", structure) and structure != "0:0":
-            return parse_pattern(structure)
-    return None
-
-
-def _natural(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def per_block_sparsity(info: dict) -> list[tuple[int, float]]:
-    """(block index, sparsity of its linears) in block order."""
-    blocks: dict[int, list[int]] = {}
-    for row in info["linears"]:
-        match = re.search(r"\.(\d+)\.", row["name"])
-        if match:
-            acc = blocks.setdefault(int(match.group(1)), [0, 0])
-            acc[0] += row["zeros"]
-            acc[1] += row["numel"]
-    return [(i, z / n) for i, (z, n) in sorted(blocks.items())]
-
-
-def plot(info: dict, path: str | Path) -> Path:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LlmpruneError("--plot needs matplotlib; run: pip install matplotlib.") from None
-    points = per_block_sparsity(info)
-    if not points:
-        raise LlmpruneError("no numbered decoder blocks found to plot.")
-    fig, ax = plt.subplots(figsize=(max(6, len(points) * 0.25), 3.2))
-    ax.bar([i for i, _ in points], [s * 100 for _, s in points], color="#4c72b0")
-    ax.axhline(info["sparsity"] * 100, color="#c44e52", linestyle="--", linewidth=1, label=f"overall {info['sparsity']:.1%}")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity (%)")
-    ax.set_title(Path(info["directory"]).name)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = check_writable(path, "--plot")
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise LlmpruneError(f"could not write --plot {path} ({exc.strerror or exc}); choose another file.") from None
-    finally:
-        plt.close(fig)
-    return path

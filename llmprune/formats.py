@@ -182,7 +182,7 @@ def llmprune_config(fmt: str, *, weights: str, global_sparsity: float, structure
     """llmprune's quantization_config block: the tensor layout, the weights file transformers is to read (config.json's
     `transformers_weights` holds GUARD instead), and what was pruned. `sparse_kernels: true` makes from_pretrained
     build SparseLinear layers (deploy.py) instead of dense weights."""
-    from llmprune import __version__
+    from llmprune.version import __version__
 
     return {"quant_method": LLMPRUNE, "format": fmt, "layout_version": LAYOUT_VERSION, "weights": weights,
             "global_sparsity": global_sparsity, "sparsity_structure": structure, "ignore": sorted(ignore),

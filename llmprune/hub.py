@@ -141,7 +141,7 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False, revision
     a layout needs are converted beside `directory` and removed afterwards. Returns what was sent where."""
     import tempfile
 
-    from llmprune.checkpoint import describe
+    from llmprune.describe import describe
 
     check_repo_id(repo_id)
     if layout not in LAYOUTS:
@@ -189,7 +189,8 @@ def _as_layout(directory: Path, fmt: str, work: Path):
     `directory` itself where it is in that layout already, else a converted copy in `work`; (None, None) for a
     compressed layout of a checkpoint with nothing worth compressing."""
     from llmprune import formats
-    from llmprune.checkpoint import convert, describe, read_layout
+    from llmprune.checkpoint import convert, read_layout
+    from llmprune.describe import describe
 
     layout = read_layout(directory)
     if (fmt == "dense" and layout is None) or (fmt == "compressed" and layout is not None and layout[0] == formats.LLMPRUNE):

@@ -98,3 +98,13 @@ def hub_cache(cache: Path, repo_id: str, directory: Path, revision: str = "main"
     (repo / "refs" / revision).write_text(commit)
     shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
     return cache
+
+
+def plan_for(model, windows=None, *, device="cpu", microbatch=None, pattern="unstructured", **fields):
+    """A Plan for calibrate.prune_model on a model in memory: recipe fields as keywords (a Pattern may be passed)."""
+    from llmprune.plan import decide
+    from llmprune.recipe import Recipe
+
+    recipe = Recipe.create(pattern=str(pattern), **fields)
+    seqlen = windows.shape[1] if windows is not None else recipe.seqlen
+    return decide(recipe, model, windows, device=torch.device(device), seqlen=seqlen, microbatch=microbatch)

@@ -2,10 +2,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, VOCAB, tiny_model
+from conftest import ARCHS, VOCAB, plan_for, tiny_model
 from llmprune import calibrate
+import llmprune.calibrate.loop  # noqa: F401  (calibrate.loop below)
+from llmprune.calibrate.cache import ActivationCache, run_block
 from llmprune.masks import Pattern, parse_pattern, pattern_holds, prune_count
 from llmprune.models import find_blocks, find_linears, get_weight
+from llmprune.solvers import make_solver
 
 PATTERNS = [("unstructured", Pattern(), 0.5), ("2:4", Pattern(2, 4), 0.5), ("4:8", Pattern(4, 8), 0.5)]
 
@@ -33,8 +36,9 @@ def test_every_linear_is_pruned_exactly(arch, method, name, pattern, sparsity, t
     ignore = (r"\.0\..*(down_proj|fc2|c_proj|dense)$",)  # a block-0 output projection stays dense
     _, blocks = find_blocks(model)
     before = {n: get_weight(m).clone() for i, b in enumerate(blocks) for n, m in find_linears(b, f"b.{i}").items()}
-    results = calibrate.prune_model(model, windows(), method=method, sparsity=sparsity, pattern=pattern, ignore=ignore,
-                                    microbatch=4)
+    ids = windows()
+    results = calibrate.prune_model(model, ids, plan_for(model, ids, method=method, sparsity=sparsity, pattern=pattern,
+                                                        ignore=ignore, microbatch=4))
     blocks_name, blocks = find_blocks(model)
     all_linears = {n: m for i, b in enumerate(blocks) for n, m in find_linears(b, f"{blocks_name}.{i}").items()}
     pruned = {r.name for r in results}
@@ -63,11 +67,11 @@ def test_loop_reproduces_the_models_own_hidden_states(arch):
     with torch.no_grad():
         reference = model(ids, output_hidden_states=True).hidden_states
         _, blocks = find_blocks(model)
-        captured = [calibrate._capture(model, blocks, chunk, torch.device("cpu")) for chunk in ids.split(2)]
+        cache = ActivationCache.capture(model, blocks, list(ids.split(2)), torch.device("cpu"))
         for i, block in enumerate(blocks[:-1]):
-            hidden = torch.cat([calibrate._run_block(block, i, item) for item in captured])
-            for item, out in zip(captured, hidden.split(2)):
-                item.hidden = out
+            hidden = torch.cat([run_block(block, i, cache, k) for k in range(len(cache))])
+            for k, out in enumerate(hidden.split(2)):
+                cache.update(k, out)
             torch.testing.assert_close(hidden, reference[i + 1], rtol=1e-4, atol=1e-5)
 
 
@@ -77,8 +81,9 @@ def test_same_inputs_same_masks(method, sequential):
     masks = []
     for _ in range(2):
         model = tiny_model("llama")
-        calibrate.prune_model(model, windows(), method=method, sparsity=0.5, pattern=Pattern(), sequential=sequential,
-                              microbatch=2)
+        ids = windows()
+        calibrate.prune_model(model, ids, plan_for(model, ids, method=method, sparsity=0.5, sequential=sequential,
+                                                   microbatch=2))
         masks.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*masks))
 
@@ -87,7 +92,8 @@ def test_microbatch_size_does_not_change_sequential_masks():
     results = []
     for microbatch in (1, 3, 6):
         model = tiny_model("qwen2")
-        calibrate.prune_model(model, windows(), method="wanda", sparsity=0.5, pattern=Pattern(2, 4), microbatch=microbatch)
+        ids = windows()
+        calibrate.prune_model(model, ids, plan_for(model, ids, method="wanda", pattern="2:4", microbatch=microbatch))
         results.append([(p == 0) for p in model.parameters()])
     for other in results[1:]:
         agreement = sum(int((a == b).sum()) for a, b in zip(results[0], other)) / sum(a.numel() for a in results[0])
@@ -99,20 +105,23 @@ def test_sequential_calibrates_on_pruned_upstream_inputs():
     seen = {}
     for sequential in (True, False):
         model = tiny_model("llama")
-        calibrate.prune_model(model, windows(), method="wanda", sparsity=0.5, pattern=Pattern(), sequential=sequential)
+        ids = windows()
+        calibrate.prune_model(model, ids, plan_for(model, ids, method="wanda", sparsity=0.5, sequential=sequential))
         seen[sequential] = get_weight(model.model.layers[0].self_attn.o_proj).clone()
     assert not torch.equal(seen[True], seen[False])
     # q/k/v see the same (dense) block input either way
     for sequential in (True, False):
         model = tiny_model("llama")
-        calibrate.prune_model(model, windows(), method="wanda", sparsity=0.5, pattern=Pattern(), sequential=sequential)
+        ids = windows()
+        calibrate.prune_model(model, ids, plan_for(model, ids, method="wanda", sparsity=0.5, sequential=sequential))
         seen[("q", sequential)] = get_weight(model.model.layers[0].self_attn.q_proj).clone()
     assert torch.equal(seen[("q", True)], seen[("q", False)])
 
 
 def test_qkv_share_one_solver():
     model = tiny_model("llama")
-    results = calibrate.prune_model(model, windows(), method="sparsegpt", sparsity=0.5, pattern=Pattern())
+    ids = windows()
+    results = calibrate.prune_model(model, ids, plan_for(model, ids, method="sparsegpt", sparsity=0.5))
     shares = {r.name.split(".", 3)[-1]: r.shares_statistics_with for r in results if ".layers.0." in r.name}
     assert shares["self_attn.k_proj"] == shares["self_attn.v_proj"] == "model.layers.0.self_attn.q_proj"
     assert shares["mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
@@ -121,8 +130,9 @@ def test_qkv_share_one_solver():
 
 def test_per_linear_sparsity_function():
     model = tiny_model("llama")
-    results = calibrate.prune_model(model, windows(), method="wanda", pattern=Pattern(),
-                                    sparsity=lambda name: 0.25 if "mlp" in name else 0.5)
+    ids = windows()
+    results = calibrate.prune_model(model, ids, plan_for(model, ids, method="wanda", sparsity=0.5,
+                                                        overrides={"mlp": 0.25}))
     for r in results:
         assert r.sparsity == pytest.approx(0.25 if "mlp" in r.name else 0.5)
 
@@ -139,15 +149,17 @@ def test_grouped_solves_change_nothing(monkeypatch):
     for grouped in (True, False):
         if grouped:
             model = tiny_model("llama")
-            calibrate.prune_model(model, windows(), method="sparsegpt", sparsity=0.5, pattern=Pattern(2, 4), microbatch=2)
+            ids = windows()
+            calibrate.prune_model(model, ids, plan_for(model, ids, method="sparsegpt", pattern="2:4", microbatch=2))
             assert sorted(sizes) == [2, 3]  # sequential: block 0 (solved one by one) teaches block 1 its groups
         if not grouped:
             monkeypatch.setattr(SparseGPTSolver, "prune_many",
                                 lambda self, ws, ss, p: [self.prune(w, s, p) for w, s in zip(ws, ss)])
         for sequential in (True, False):
             model = tiny_model("llama")
-            calibrate.prune_model(model, windows(), method="sparsegpt", sparsity=0.5, pattern=Pattern(2, 4),
-                                  sequential=sequential, microbatch=2)
+            ids = windows()
+            calibrate.prune_model(model, ids, plan_for(model, ids, method="sparsegpt", pattern="2:4",
+                                                       sequential=sequential, microbatch=2))
             weights[grouped, sequential] = [p.detach().clone() for p in model.parameters()]
     for sequential in (True, False):
         for a, b in zip(weights[True, sequential], weights[False, sequential]):
@@ -160,15 +172,15 @@ def test_a_wrongly_predicted_group_is_solved_again():
     g = torch.Generator().manual_seed(0)
     a, b = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
     x_a, x_b = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g) * 5
-    pruner = calibrate._BlockPruner({"a": a, "b": b}, "sparsegpt", lambda n: 0.5, Pattern(), "cpu", {"a": ["b"]})
-    expected = calibrate.make_solver("sparsegpt", 16)
+    pruner = calibrate.BlockPruner({"a": a, "b": b}, "sparsegpt", lambda n: 0.5, Pattern(), "cpu", {"a": ["b"]})
+    expected = make_solver("sparsegpt", 16)
     expected.add_batch(x_b)
     expected = expected.prune(b.weight.data.clone(), 0.5, Pattern())
     pruner.observe("a", x_a)
-    pruner.prune("a")
+    pruner.prune_all(["a"])
     assert "b" in pruner._stashed  # solved together with a, on a's statistics
     pruner.observe("b", x_b)
-    pruner.prune("b")
+    pruner.prune_all(["b"])
     assert torch.equal(b.weight.data, expected)
     assert [r.shares_statistics_with for r in pruner.results] == [None, None]
 
@@ -177,11 +189,10 @@ def test_a_wrongly_predicted_group_is_solved_again():
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.6), (Pattern(2, 4), 0.5)])
 def test_dsnot_after_any_solver_keeps_counts_and_patterns(arch, method, pattern, sparsity):
-    from llmprune.solvers.dsnot import DSnoTConfig
-
     model = tiny_model(arch)
-    results = calibrate.prune_model(model, windows(), method=method, sparsity=sparsity, pattern=pattern, microbatch=4,
-                                    refine=DSnoTConfig(threshold=0.0))
+    ids = windows()
+    results = calibrate.prune_model(model, ids, plan_for(model, ids, method=method, sparsity=sparsity, pattern=pattern,
+                                                        microbatch=4, refine="dsnot", dsnot_threshold=0.0))
     blocks_name, blocks = find_blocks(model)
     linears = {n: m for i, b in enumerate(blocks) for n, m in find_linears(b, f"{blocks_name}.{i}").items()}
     assert {r.name for r in results} == set(linears)
@@ -198,7 +209,9 @@ def test_dsnot_after_any_solver_keeps_counts_and_patterns(arch, method, pattern,
 def test_outlier_ratios_leave_the_model_unchanged(arch):
     model = tiny_model(arch)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    ratios, sizes = calibrate.outlier_ratios(model, windows(), m=2.0, microbatch=4)
+    ids = windows()
+    ratios, sizes = calibrate.outlier_ratios(model, ids, plan_for(model, ids, method="wanda", sparsity=0.5, owl_m=2.0,
+                                                                  microbatch=4))
     _, blocks = find_blocks(model)
     assert len(ratios) == len(blocks) == len(sizes)
     assert all(0 <= r < 1 for r in ratios) and any(r > 0 for r in ratios)
@@ -232,7 +245,7 @@ def test_every_block_is_placed_while_it_runs(monkeypatch, schedule):
     model = tiny_model("llama")
     _, blocks = find_blocks(model)
     inside, log = [], []
-    real = calibrate.placed
+    real = calibrate.loop.placed
 
     @contextmanager
     def recording(module, device):
@@ -244,11 +257,11 @@ def test_every_block_is_placed_while_it_runs(monkeypatch, schedule):
         inside.pop()
         log.append(index)
 
-    monkeypatch.setattr(calibrate, "placed", recording)
+    monkeypatch.setattr(calibrate.loop, "placed", recording)
     windows = torch.randint(0, VOCAB, (4, 16))
     if schedule == "owl":
-        calibrate.outlier_ratios(model, windows, m=5, device="cpu")
+        calibrate.outlier_ratios(model, windows, plan_for(model, windows, method="wanda", sparsity=0.5))
     else:
-        calibrate.prune_model(model, windows, method="wanda", sparsity=0.5, pattern=parse_pattern("unstructured"),
-                              sequential=schedule == "sequential", device="cpu")
+        calibrate.prune_model(model, windows, plan_for(model, windows, method="wanda", sparsity=0.5,
+                                                       sequential=schedule == "sequential"))
     assert log == list(range(len(blocks)))

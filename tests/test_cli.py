@@ -115,11 +115,12 @@ def test_existing_output_is_refused_unless_overwrite(model_dir, text_file, tmp_p
 
 
 def test_ctrl_c_during_pruning_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch):
-    from llmprune import calibrate
+    from llmprune.calibrate import loop, pruner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(calibrate, "_apply", interrupted)
+    monkeypatch.setattr(pruner, "apply", interrupted)
+    monkeypatch.setattr(loop, "apply", interrupted)
     out = tmp_path / "out"
     assert_user_error(run(*prune_args(model_dir, text_file, out)), "interrupted")
     assert list(tmp_path.iterdir()) == [text_file] or not out.exists()

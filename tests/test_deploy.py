@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import plan_for, tiny_model
 from llmprune import calibrate, deploy, formats
 from llmprune.masks import Pattern
 
@@ -16,7 +16,7 @@ def windows(n=4, seqlen=16):
 @pytest.mark.parametrize("pattern,layout", [(Pattern(2, 4), formats.SPARSE24), (Pattern(), formats.BITMASK)])
 def test_sparsified_model_computes_the_pruned_models_logits(arch, pattern, layout, caplog):
     model = tiny_model(arch)
-    calibrate.prune_model(model, None, method="magnitude", sparsity=0.6 if not pattern.structured else 0.5, pattern=pattern)
+    calibrate.prune_model(model, None, plan_for(model, method="magnitude", sparsity=None if pattern.structured else 0.6, pattern=pattern))
     ids = windows(2, 12)
     expected = model(ids).logits
     report = deploy.sparsify(model)
@@ -58,7 +58,7 @@ def test_load_with_sparse_kernels(tmp_path):
     import llmprune
 
     model = tiny_model("llama")
-    calibrate.prune_model(model, None, method="magnitude", sparsity=0.5, pattern=Pattern(2, 4))
+    calibrate.prune_model(model, None, plan_for(model, method="magnitude", pattern="2:4"))
     model.save_pretrained(tmp_path / "m")
     from conftest import byte_tokenizer
 
@@ -92,7 +92,7 @@ def _gpu_ready():
 @pytest.mark.parametrize("pattern,layout", [(Pattern(2, 4), formats.SPARSE24), (Pattern(), formats.BITMASK)])
 def test_sparsified_model_on_the_gpu_runs_the_kernels(dtype, pattern, layout, caplog):
     model = tiny_model("llama")
-    calibrate.prune_model(model, None, method="magnitude", sparsity=0.5 if pattern.structured else 0.6, pattern=pattern)
+    calibrate.prune_model(model, None, plan_for(model, method="magnitude", sparsity=None if pattern.structured else 0.6, pattern=pattern))
     model = model.to("cuda", dtype).eval()
     ids = windows(2, 40).cuda()  # 80 tokens: the prefill GEMM; generate()'s steps: the decode kernels
     expected = model(ids).logits.float()

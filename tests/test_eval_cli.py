@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, plan_for, tiny_model
 from llmprune.cli.app import app
 from llmprune.evaluate import perplexity
 
@@ -47,7 +47,7 @@ def test_kl_against_a_pruned_copy_is_positive():
     from llmprune.masks import Pattern
 
     dense, pruned = tiny_model("qwen2"), tiny_model("qwen2")
-    calibrate.prune_model(pruned, None, method="magnitude", sparsity=0.5, pattern=Pattern())
+    calibrate.prune_model(pruned, None, plan_for(pruned, method="magnitude", sparsity=0.5))
     out = perplexity(pruned, tokens(), seqlen=64, baseline=dense)
     assert out["kl"] > 1e-4
     assert 0.0 <= out["top1_agreement"] < 1.0

@@ -188,17 +188,17 @@ def test_smollm2_gguf_cut_or_damaged(tmp_path):
 @pytest.mark.parametrize("damage", ["cut", "flip"])
 @pytest.mark.parametrize("victim", ["progress.json", "blocks/block-00000.safetensors", "inputs-rank0.safetensors"])
 def test_damaged_partial_run_state(checkpoints, tmp_path, monkeypatch, victim, damage):
-    from llmprune import api, streaming
+    from llmprune import api, partial, shards
 
     calib = {"calibration": str(checkpoints["text"]), "nsamples": 4, "seqlen": 32, "device": "cpu"}
-    real_done = streaming.PartialRun.done
+    real_done = partial.PartialRun.done
 
     def done_then_stop(self, index, *args):
         real_done(self, index, *args)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(streaming.PartialRun, "done", done_then_stop)
+        patch.setattr(partial.PartialRun, "done", done_then_stop)
         with pytest.raises(LlmpruneError, match="--resume"):
             api.prune(str(checkpoints["dense"]), method="wanda", out=tmp_path / "out", checkpoint_every=0, **calib)
     path = tmp_path / "out.partial" / victim

@@ -68,7 +68,7 @@ def test_we_read_a_checkpoint_their_compressor_wrote(ct014, tiny_model_dir, text
     a = llmprune.load(str(dense))[0].state_dict()
     b = llmprune.load(str(tmp_path / "theirs"))[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from llmprune.checkpoint import describe
+    from llmprune.describe import describe
 
     info = describe(tmp_path / "theirs")  # `llmprune info` on another tool's checkpoint
     assert info["format"] == fmt and info["sizes"]["linear_ratio"] < 1

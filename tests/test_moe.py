@@ -7,8 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import VOCAB, byte_tokenizer
+from conftest import VOCAB, byte_tokenizer, plan_for
 from llmprune import api, calibrate
+from llmprune.calibrate.pruner import BlockPruner
 from llmprune.checkpoint import load_model
 from llmprune.errors import LlmpruneError
 from llmprune.masks import parse_pattern, pattern_holds
@@ -147,19 +148,18 @@ def test_expert_statistics_are_those_of_the_routed_tokens():
             expected[f"model.layers.0.mlp.experts.down_proj.{e}"] = (hidden.double().square().sum(0), routed.shape[0])
 
     captured = {}
-    original = calibrate._BlockPruner._solve
+    original = BlockPruner._solve
 
     def solve(self, solver, members):
         if ".experts." in members[0]:
             captured[members[0]] = (solver.sq_norms.clone(), self.tokens[members[0]])
         return original(self, solver, members)
 
-    calibrate._BlockPruner._solve = solve
+    BlockPruner._solve = solve
     try:
-        calibrate.prune_model(model, ids, method="wanda", sparsity=0.5, pattern=parse_pattern("unstructured"),
-                              sequential=False, microbatch=2)
+        calibrate.prune_model(model, ids, plan_for(model, ids, method="wanda", sparsity=0.5, sequential=False, microbatch=2))
     finally:
-        calibrate._BlockPruner._solve = original
+        BlockPruner._solve = original
     assert set(captured) == set(expected)
     for name, (norms, tokens) in expected.items():
         assert captured[name][1] == tokens
@@ -257,18 +257,18 @@ def test_streamed_moe_equals_in_memory(tmp_path, text_file, family, method, patt
 
 def test_streamed_moe_reads_one_block_at_a_time(tmp_path, text_file, monkeypatch):
     from conftest import byte_tokenizer
-    from llmprune import streaming
+    from llmprune import partial, shards
 
     source = tmp_path / "src"
     moe_model("mixtral", layers=3).save_pretrained(source)
     byte_tokenizer().save_pretrained(source)
     live = []
-    original = streaming.ShardSource._convert
+    original = shards.ShardSource._convert
 
     def watch(self, full, read):
         live.append(full.split(".")[2])
         return original(self, full, read)
-    monkeypatch.setattr(streaming.ShardSource, "_convert", watch)
+    monkeypatch.setattr(shards.ShardSource, "_convert", watch)
     api.prune(str(source), method="wanda", sparsity=0.5, calibration=str(text_file), nsamples=4, seqlen=32, device="cpu",
               out=tmp_path / "o", stream=True)
     assert live == ["0", "0", "1", "1", "2", "2"]  # each block's fused experts built when the block is reached

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import byte_tokenizer, tiny_config
-from llmprune import api, streaming
+from llmprune import api, partial, plan, shards
 from llmprune.checkpoint import read_format, read_state_dict
 from llmprune.distributed import SINGLE
 from llmprune.errors import LlmpruneError
@@ -95,7 +95,7 @@ def test_streamed_output_loads_and_matches(tmp_path, calib, method, pattern, fmt
 def test_streaming_holds_one_block_at_a_time(tmp_path, calib, monkeypatch):
     model_dir = sharded_model(tmp_path / "m", layers=6)
     seen = []
-    original = streaming.ShardSource.materialize
+    original = shards.ShardSource.materialize
 
     def watch(self, module, prefix, names=None):
         original(self, module, prefix, names)
@@ -103,7 +103,7 @@ def test_streaming_holds_one_block_at_a_time(tmp_path, calib, monkeypatch):
             blocks = self._model_blocks
             seen.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
 
-    original_build = streaming.ShardSource.build
+    original_build = shards.ShardSource.build
 
     def build(self, *args, **kwargs):
         model = original_build(self, *args, **kwargs)
@@ -111,8 +111,8 @@ def test_streaming_holds_one_block_at_a_time(tmp_path, calib, monkeypatch):
         assert all(p.device.type == "meta" for p in model.parameters())
         return model
 
-    monkeypatch.setattr(streaming.ShardSource, "materialize", watch)
-    monkeypatch.setattr(streaming.ShardSource, "build", build)
+    monkeypatch.setattr(shards.ShardSource, "materialize", watch)
+    monkeypatch.setattr(shards.ShardSource, "build", build)
     model, _ = api.prune(str(model_dir), method="sparsegpt", sparsity=0.5, out=tmp_path / "out", stream=True, **calib)
     assert model is None
     assert seen == [1] * 6
@@ -143,15 +143,15 @@ def test_stream_needs_out_and_a_directory(tmp_path, calib):
 
 def interrupt_after(monkeypatch, block: int, every: float = 0) -> None:
     """Make the run stop (as Ctrl-C would) right after block `block` is done; the state is saved every `every` s."""
-    original = streaming.PartialRun.done
-    monkeypatch.setattr(streaming, "CHECKPOINT_SECONDS", every)
+    original = partial.PartialRun.done
+    monkeypatch.setattr(plan, "CHECKPOINT_SECONDS", every)
 
     def done(self, index, *args):
         original(self, index, *args)
         if index == block:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(streaming.PartialRun, "done", done)
+    monkeypatch.setattr(partial.PartialRun, "done", done)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -179,8 +179,8 @@ def test_state_is_saved_at_most_every_interval(tmp_path, calib, monkeypatch):
     """Inputs are written only when the interval has passed since the last save, after the last block too."""
     model = str(sharded_model(tmp_path / "m"))
     writes = []
-    original = streaming._write_inputs
-    monkeypatch.setattr(streaming, "_write_inputs", lambda *a: (writes.append(a[2]["block"]), original(*a)))
+    original = partial._write_inputs
+    monkeypatch.setattr(partial, "_write_inputs", lambda *a: (writes.append(a[2]["block"]), original(*a)))
     api.prune(model, method="wanda", out=tmp_path / "every", checkpoint_every=0, **calib)
     assert writes == ["1", "2", "3"]
     writes.clear()
@@ -196,7 +196,7 @@ def test_state_is_saved_at_most_every_interval(tmp_path, calib, monkeypatch):
 
 def test_interrupt_before_any_block_leaves_nothing(tmp_path, calib, monkeypatch):
     model = str(sharded_model(tmp_path / "m"))
-    monkeypatch.setattr(streaming.PartialRun, "done", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(partial.PartialRun, "done", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         api.prune(model, method="wanda", out=tmp_path / "out", **calib)
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
@@ -245,13 +245,13 @@ def test_resume_without_partial_starts_fresh(tmp_path, calib):
 
 KILLED_RUN = """
 import sys, time
-from llmprune import streaming
-original = streaming.PartialRun.done
+from llmprune import partial, shards
+original = partial.PartialRun.done
 def done(self, index, *args):
     original(self, index, *args)
     if index == 1:
         time.sleep(600)  # the test kills the process here
-streaming.PartialRun.done = done
+partial.PartialRun.done = done
 from llmprune.cli import main
 sys.argv = ["llmprune", *sys.argv[1:]]
 main()
@@ -294,13 +294,13 @@ def test_offloaded_activations_give_the_two_pass_result(tmp_path, calib, monkeyp
     offload = tmp_path / "acts"
     offload.mkdir()
     seen = []
-    original = streaming.PartialRun.done
+    original = partial.PartialRun.done
 
     def done(self, index, *args):
         seen.append(sorted(p.name for p in offload.iterdir()))
         original(self, index, *args)
 
-    monkeypatch.setattr(streaming.PartialRun, "done", done)
+    monkeypatch.setattr(partial.PartialRun, "done", done)
     with caplog.at_level("WARNING"):
         _, report = api.prune(model, out=tmp_path / "disk", offload_activations=offload, **fields)
     assert "running the two-pass schedule" in caplog.text
@@ -317,11 +317,11 @@ def test_two_pass_runs_in_memory_when_only_lockstep_would_not_fit(tmp_path, cali
     api.prune(model, method="wanda", out=tmp_path / "lockstep", **calib)
     loaded = AutoModelForCausalLM.from_pretrained(model)
     windows = torch.zeros(calib["nsamples"], calib["seqlen"], dtype=torch.long)
-    lockstep, two_pass = (api._activation_bytes(windows, loaded, SINGLE, s) for s in (True, False))
+    lockstep, two_pass = (plan.activation_bytes(windows, loaded, SINGLE, s) for s in (True, False))
     assert two_pass < lockstep
     with pytest.raises(AssertionError):  # the schedules differ, so the comparison below tells which one ran
         assert_same(tmp_path / "two-pass", tmp_path / "lockstep")
-    monkeypatch.setattr(api, "_free_memory", lambda device=None: (lockstep + two_pass) // 2)
+    monkeypatch.setattr(plan, "free_memory", lambda device=None: (lockstep + two_pass) // 2)
     with caplog.at_level("WARNING"):
         _, report = api.prune(model, method="wanda", out=tmp_path / "short", **calib)
     assert "running the two-pass schedule" in caplog.text and "offloading" not in caplog.text
@@ -333,7 +333,7 @@ def test_two_pass_runs_in_memory_when_only_lockstep_would_not_fit(tmp_path, cali
 def test_activations_go_to_disk_by_themselves_when_memory_is_short(tmp_path, calib, monkeypatch, caplog):
     model = str(sharded_model(tmp_path / "m"))
     api.prune(model, method="wanda", out=tmp_path / "memory", sequential=False, **calib)
-    monkeypatch.setattr(api, "_free_memory", lambda device=None: 10_000)
+    monkeypatch.setattr(plan, "free_memory", lambda device=None: 10_000)
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
         with caplog.at_level("WARNING"), pytest.raises(LlmpruneError, match="interrupted after 2 of 4"):
@@ -346,6 +346,6 @@ def test_activations_go_to_disk_by_themselves_when_memory_is_short(tmp_path, cal
 
 def test_free_memory_is_asked_of_the_device_that_holds_the_activations(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3_000_000_000, 80_000_000_000))
-    assert api._free_memory(torch.device("cuda", 0)) == 3_000_000_000
-    host = api._free_memory(torch.device("cpu"))
+    assert plan.free_memory(torch.device("cuda", 0)) == 3_000_000_000
+    host = plan.free_memory(torch.device("cpu"))
     assert host is None or host != 3_000_000_000
