@@ -106,6 +106,35 @@ def compress_bitmask(W: Tensor) -> dict[str, Tensor]:
             "bitmask": pack_bits(mask), "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
 
 
+def _keep_two_of_four(nibble: int) -> int:
+    """The 2:4 layout's kept positions of a group of four whose non-zeros are the bits of `nibble` (at most two):
+    the non-zeros, then the group's first zeros, so every group keeps exactly two."""
+    keep = nibble
+    for position in range(4):
+        if bin(keep).count("1") < 2 and not keep >> position & 1:
+            keep |= 1 << position
+    return keep
+
+
+# per byte of a packed non-zero mask (two groups of four, little-endian bits): the packed kept mask, and whether a
+# group holds more than two non-zeros
+_KEEP24 = np.array([_keep_two_of_four(b & 15) | _keep_two_of_four(b >> 4) << 4 for b in range(256)], dtype=np.uint8)
+_OVER24 = np.array([bin(b & 15).count("1") > 2 or bin(b >> 4).count("1") > 2 for b in range(256)])
+
+
+def _packed_nonzeros(W: Tensor) -> np.ndarray:
+    """uint8 [rows, ceil(cols / 8)]: W's non-zero bits packed (little-endian), W a CPU matrix."""
+    return np.packbits(_nonzero_bits(W).numpy(), axis=1, bitorder="little")
+
+
+def holds_24(W: Tensor) -> bool:
+    """Whether every group of four inputs of W ([..., cols], cols a multiple of 4) holds at most two non-zeros."""
+    W = _as_matrix(W)
+    if W.device.type != "cpu":
+        return not bool((_nonzero_bits(W).view(W.shape[0], -1, 4).sum(-1) > 2).any())
+    return not bool(_OVER24[_packed_nonzeros(W)].any())
+
+
 def compress_24(W: Tensor) -> dict[str, Tensor]:
     """Raises ValueError where a group of four inputs holds more than two non-zeros. A 2-D weight's shape is stored
     [[rows], [cols]] as compressed-tensors 0.14 stores it; a fused weight's as its whole shape."""
@@ -114,11 +143,19 @@ def compress_24(W: Tensor) -> dict[str, Tensor]:
     shape = torch.tensor([[W.shape[0]], [W.shape[1]]] if W.dim() == 2 else list(W.shape), dtype=torch.int64)
     W = _as_matrix(W)
     rows, cols = W.shape
+    if W.device.type == "cpu":  # two groups a byte through a table: ~10× faster than sums and top-k over groups of 4
+        packed = _packed_nonzeros(W)
+        if _OVER24[packed].any():
+            raise ValueError("weight is not 2:4 sparse (a group of 4 inputs holds more than 2 non-zeros)")
+        kept = _KEEP24[packed]
+        if cols % 8:
+            kept[:, -1] &= 0x0F  # the last byte holds one group; its upper half is padding
+        keep = torch.from_numpy(np.unpackbits(kept, axis=1, count=cols, bitorder="little").view(bool))
+        return {"shape": shape, "compressed": _select(W, keep).view(rows, cols // 2), "bitmask": torch.from_numpy(kept)}
     nonzero = _nonzero_bits(W).view(rows, cols // 4, 4)
     if bool((nonzero.sum(-1) > 2).any()):
         raise ValueError("weight is not 2:4 sparse (a group of 4 inputs holds more than 2 non-zeros)")
-    # keep the non-zeros, then the first zeros of the group, so every group keeps exactly two
-    priority = nonzero.to(torch.int8) * 4 + torch.arange(3, -1, -1, dtype=torch.int8)
+    priority = nonzero.to(torch.int8) * 4 + torch.arange(3, -1, -1, dtype=torch.int8, device=W.device)
     keep = torch.zeros_like(nonzero).scatter_(-1, priority.topk(2, dim=-1).indices, True).view(rows, cols)
     return {"shape": shape, "compressed": _select(W, keep).view(rows, cols // 2), "bitmask": pack_bits(keep)}
 
@@ -203,6 +240,6 @@ def sparsity_config(fmt: str, *, global_sparsity: float, structure: str, ignore:
 def choose_format(weights: dict[str, Tensor]) -> str:
     """sparse-24-bitmask when every weight is 2:4, else sparse-bitmask."""
     for W in weights.values():
-        if W.dim() < 2 or W.shape[-1] % 4 or bool((_nonzero_bits(_as_matrix(W)).view(-1, W.shape[-1] // 4, 4).sum(-1) > 2).any()):
+        if W.dim() < 2 or W.shape[-1] % 4 or not holds_24(W):
             return BITMASK
     return SPARSE24

@@ -123,3 +123,30 @@ def test_unknown_format_in_config(tmp_path):
         "quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-99-bytemask"}}}))
     with pytest.raises(LlmpruneError, match="sparse-99-bytemask"):
         read_format(tmp_path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), groups=st.integers(1, 9), seed=st.integers(0, 10_000))
+def test_24_keeps_the_non_zeros_then_the_first_zeros_of_each_group(rows, groups, seed):
+    """The table-driven 2:4 compressor against the rule worked group by group (and the bits -0.0 carries)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, groups * 4, generator=g)
+    for r in range(rows):
+        for k in range(groups):
+            kept = torch.randperm(4, generator=g)[: int(torch.randint(0, 3, (), generator=g))]
+            group = torch.zeros(4)
+            group[kept] = W[r, 4 * k + kept]
+            if int(torch.randint(0, 4, (), generator=g)) == 0 and len(kept):
+                group[kept[0]] = -0.0
+            W[r, 4 * k: 4 * k + 4] = group
+    parts = c.compress_24(W)
+    bits = W.view(torch.int32) != 0
+    expected = torch.zeros_like(bits)
+    for r in range(rows):
+        for k in range(groups):
+            keep = [j for j in range(4) if bits[r, 4 * k + j]]
+            keep += [j for j in range(4) if j not in keep][: 2 - len(keep)]
+            expected[r, [4 * k + j for j in keep]] = True
+    assert torch.equal(c.unpack_bits(parts["bitmask"], groups * 4), expected)
+    assert bitwise_equal(c.decompress(c.SPARSE24, parts), W)
+    assert c.holds_24(W)
