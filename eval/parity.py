@@ -46,14 +46,27 @@ def digest(tensor) -> str:
     return hashlib.sha256(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def moe_model(family: str):
+    """A tiny random mixture-of-experts model (as tests/test_moe.py builds them, without importing llmprune)."""
+    import torch
+    import transformers as T
+
+    common = dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, num_experts_per_tok=2)
+    config = (T.MixtralConfig(intermediate_size=32, num_local_experts=4, **common) if family == "mixtral" else
+              T.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                               num_experts=4, **common))
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 def run_case(case, work: Path, text: Path) -> dict:
     import torch
 
     from llmprune import api
 
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import byte_tokenizer, tiny_model
-    from test_moe import moe_model
+    from conftest import byte_tokenizer, tiny_model  # builds models from transformers configs only
 
     arch, method, pattern, extra = case
     source = work / f"src-{arch}"

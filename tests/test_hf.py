@@ -211,3 +211,25 @@ def test_registration_waits_for_transformers_and_keeps_import_cheap():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["LlmpruneQuantizer", "LlmpruneConfig"]
+
+
+def test_a_sharded_in_memory_save_loads(tmp_path, text_file, monkeypatch):
+    """The model in memory written straight in the sparse layout, in several shards (an index of llmprune's name)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import byte_tokenizer, tiny_model
+    from llmprune import checkpoint
+
+    source = tmp_path / "src"
+    tiny_model("llama").save_pretrained(source)
+    byte_tokenizer().save_pretrained(source)
+    monkeypatch.setattr(checkpoint, "SHARD_SIZE", "60KB")
+    sharded = prune(source, text_file, tmp_path / "sharded", "--pattern", "2:4")
+    dense = prune(source, text_file, tmp_path / "dense", "--pattern", "2:4", "--format", "dense")
+    index = json.loads((sharded / formats.WEIGHTS_INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (sharded / "model.safetensors.index.json").exists()
+    assert all(name.startswith(formats.WEIGHTS_STEM) for name in index["weight_map"].values())
+    assert "model.layers.0.mlp.up_proj.compressed" in index["weight_map"]
+    assert json.loads((sharded / "config.json").read_text())["quantization_config"]["weights"] == formats.WEIGHTS_INDEX
+    assert_bitwise(weights(AutoModelForCausalLM.from_pretrained(sharded)), weights(AutoModelForCausalLM.from_pretrained(dense)))
+    assert_bitwise(weights(llmprune.load(str(sharded))[0]), weights(AutoModelForCausalLM.from_pretrained(dense)))
