@@ -87,7 +87,7 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
         recipe = Recipe.create(**fields_)
     elif fields_:
         raise TypeError(f"pass either recipe= or recipe fields, not both: {sorted(fields_)}")
-    checkpoint.check_format(options.format)
+    checkpoint.check_format(options.format, warn=True)
     if out is None and (options.resume or options.stream):
         raise LlmpruneError(f"{'--resume' if options.resume else '--stream'} needs --out: the finished blocks are kept beside it.")
     compute = plan_.resolve_device(options.device)

@@ -39,12 +39,13 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     return out
 
 
-def check_format(fmt: str) -> str:
+def check_format(fmt: str, *, warn: bool = False) -> str:
+    """The --format, validated; warn=True (once, where a run starts) says what compressed-tensors' layout costs."""
     if fmt not in OUTPUT_FORMATS:
         raise LlmpruneError(f"unknown --format '{fmt}'; choose dense (zeros stored, loads anywhere), compressed "
                             "(smaller; loads with llmprune, or transformers after `import llmprune`) or compressed-tensors "
                             "(compressed-tensors 0.14's exact layout, for transformers 4 with compressed-tensors <= 0.14).")
-    if fmt == "compressed-tensors":
+    if warn and fmt == "compressed-tensors":
         log.warning("writing compressed-tensors 0.14's layout: transformers with compressed-tensors 0.15 or newer loads it "
                     "with random weights in the pruned linears; --format compressed is the layout that never loads wrong")
     return fmt
