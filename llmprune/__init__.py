@@ -65,15 +65,31 @@ def prune(*args, **kwargs):
     return _prune(*args, **kwargs)
 
 
-def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False, revision: str | None = None):
+def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False, values_dtype=None,
+         revision: str | None = None):
     """Load (model, tokenizer) from a pruned directory (dense or compressed), a Hub id (`owner/name`, or
     `owner/name@branch`; or pass revision=), a .gguf file or 'smollm2'.
 
     sparse_kernels=True swaps the pruned linears for SparseLinear layers (compressed weights only, run by
-    llmprune's CUDA kernels where they apply) before the model moves to `device`, so the dense weights never
-    reach the GPU.
+    llmprune's kernels: compiled C++ on a CPU, CUDA on a GPU), packed for `device` before the model moves there,
+    so the dense weights never reach the GPU. values_dtype (torch.bfloat16, torch.float16) stores the kept values
+    in that dtype on a CPU while the rest of the model keeps `dtype`: half the bytes a weight at decode.
+
+    >>> model, tokenizer = llmprune.load("m50", sparse_kernels=True, values_dtype=torch.bfloat16)  # doctest: +SKIP
     """
     from llmprune.checkpoint import load_model
+
+    if values_dtype is not None:
+        import torch
+
+        if not sparse_kernels:
+            raise LlmpruneError("values_dtype= applies to the sparse kernels' weights; pass it with sparse_kernels=True.")
+
+        from llmprune.models import parse_dtype
+
+        values_dtype = values_dtype if isinstance(values_dtype, torch.dtype) else parse_dtype(values_dtype)
+        if values_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise LlmpruneError(f"values_dtype must be float32, bfloat16 or float16; got {values_dtype}.")
 
     if revision is not None:
         if spec is None or "@" in str(spec):
@@ -83,7 +99,7 @@ def load(spec=None, *, dtype=None, device=None, sparse_kernels: bool = False, re
     if sparse_kernels:
         from llmprune.deploy import sparsify
 
-        sparsify(model)
+        sparsify(model, device=device, values_dtype=values_dtype)
     if device is not None:
         model.to(device)
     return model, tokenizer

@@ -37,16 +37,21 @@ def test_dense_weight_round_trips_exactly():
     assert torch.equal(layer.dense_weight(), W)
 
 
-def test_fallback_says_once_why(caplog):
+def test_fallback_says_once_why(caplog, monkeypatch):
+    """Where the CPU kernels cannot run (here: told they cannot build), the weight is expanded per call, said once."""
+    from llmprune import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "refusal", lambda: "no C++ compiler ('c++') is on PATH to build the CPU kernels")
     deploy._warned.clear()
     W = torch.randn(8, 16)
     W[:, ::2] = 0
     layer = deploy.SparseLinear(W, torch.zeros(8), formats.SPARSE24)
+    x = torch.randn(3, 16)
     with caplog.at_level(logging.WARNING, logger="llmprune.deploy"):
-        layer(torch.randn(3, 16))
+        torch.testing.assert_close(layer(x), x @ W.T)
         layer(torch.randn(3, 16))
     messages = [r.message for r in caplog.records if "sparse kernels not used" in r.message]
-    assert len(messages) == 1 and "CUDA GPU" in messages[0]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0]
 
 
 def test_dense_linears_stay():

@@ -1,0 +1,331 @@
+// CPU kernels for pruned weights in llmprune's row bitmask layout (cpu_kernels.py packs it):
+//   masks   uint8 [rows, kb]: bit j of byte c flags input 8c + j of the row as kept; kb is a multiple of 8,
+//           so a row's inputs are padded with zeros to kp = 8 kb (a multiple of 64);
+//   values  fp32, bf16 or fp16 [kept + 16]: the kept values row after row (16 trailing zeros, so a vector
+//           load at the end of the last row stays inside the buffer);
+//   offsets int64 [rows + 1]: where each row's values start.
+// y = x Wᵀ with fp32 sums, three ways:
+//   expand: each group of W inputs is expanded from its kept values in registers (AVX-512: vexpandps; AVX2:
+//           a permutation looked up by the mask byte, then the unkept lanes zeroed), then multiplied by up
+//           to 8 tokens; for 1-8 tokens, where a CPU waits on memory and every byte not read is time saved;
+//   gather: each kept value is broadcast and multiplied by its input's row of x transposed (the tokens side
+//           by side): only kept values cost arithmetic, for more tokens, where the arithmetic shows;
+//   dense:  the rows expanded to a dense block, for torch's GEMM (prefill).
+// One body (bitmask_cpu_body.h) is compiled three times under different target pragmas (AVX-512F, AVX2 + FMA
+// + F16C, and the baseline ISA), and the caller picks by what the CPU reports at run time: the build does
+// not assume the machine it runs on. Work is split over output rows on torch's thread pool (at::parallel_for).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#if defined(__x86_64__) || defined(__i386__)
+#define LLMPRUNE_X86 1
+#include <immintrin.h>
+#endif
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+
+namespace llmprune_cpu {
+
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(f16 v) { return c10::detail::fp16_ieee_to_fp32_value(v.bits); }
+
+// kPermute[m][lane]: for a kept lane of mask byte m, how many kept lanes precede it (where its value sits
+// among the loaded ones); -1 (sign bit set) for an unkept lane, whose register lane is then zeroed.
+constexpr std::array<std::array<int32_t, 8>, 256> permute_table() {
+  std::array<std::array<int32_t, 8>, 256> t{};
+  for (int m = 0; m < 256; ++m) {
+    int c = 0;
+    for (int lane = 0; lane < 8; ++lane) t[m][lane] = (m >> lane) & 1 ? c++ : -1;
+  }
+  return t;
+}
+alignas(64) constexpr std::array<std::array<int32_t, 8>, 256> kPermute = permute_table();
+
+inline int popcount(unsigned m) { return __builtin_popcount(m); }
+
+// ---- the baseline ISA (whatever the compiler targets by default; vectorised by the compiler where it can) ----
+namespace portable {
+struct Ops {
+  static constexpr int W = 8;
+  struct F { float v[8]; };
+  static F zero() { return F{}; }
+  static F load(const float* p) { F r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+  static void store(float* p, F a) { for (int i = 0; i < 8; ++i) p[i] = a.v[i]; }
+  static F fma(F a, F b, F c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+  static F add(F a, F b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+  static float hsum(F a) { float s = 0; for (int i = 0; i < 8; ++i) s += a.v[i]; return s; }
+  static unsigned mask(const uint8_t* row, int64_t c) { return row[c]; }
+  template <class V> static F expand(unsigned m, const V* p) {
+    F r;
+    const auto& idx = kPermute[m];
+    for (int i = 0; i < 8; ++i) {  // branch-free: an unkept lane reads the first value and clears its bits
+      const int32_t j = idx[i];
+      const float v = to_float(p[j & ~(j >> 31)]);
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      u &= ~uint32_t(j >> 31);
+      std::memcpy(&r.v[i], &u, 4);
+    }
+    return r;
+  }
+  template <class V> static F broadcast(const V* p) { F r; float v = to_float(*p); for (int i = 0; i < 8; ++i) r.v[i] = v; return r; }
+};
+#include "bitmask_cpu_body.h"
+}  // namespace portable
+
+#ifdef LLMPRUNE_X86
+// ---- AVX2 + FMA + F16C ----
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
+namespace avx2 {
+struct Ops {
+  static constexpr int W = 8;
+  using F = __m256;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static float hsum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static unsigned mask(const uint8_t* row, int64_t c) { return row[c]; }
+  static F load8(const float* p) { return _mm256_loadu_ps(p); }
+  static F load8(const bf16* p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static F load8(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  template <class V> static F expand(unsigned m, const V* p) {
+    __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPermute[m].data()));
+    F w = _mm256_permutevar8x32_ps(load8(p), idx);
+    return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_srai_epi32(idx, 31)), w);
+  }
+  static F broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  template <class V> static F broadcast(const V* p) { return _mm256_set1_ps(to_float(*p)); }
+};
+#include "bitmask_cpu_body.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---- AVX-512F ----
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c,popcnt,bmi,bmi2")
+namespace avx512 {
+struct Ops {
+  static constexpr int W = 16;
+  using F = __m512;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static unsigned mask(const uint8_t* row, int64_t c) { return unsigned(row[2 * c]) | unsigned(row[2 * c + 1]) << 8; }
+  static F load16(const float* p) { return _mm512_loadu_ps(p); }
+  static F load16(const bf16* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static F load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  // bf16/fp16 values: a 32-byte load widened, then vexpandps in registers. fp32 values: each half by AVX2's table
+  // permutation from a 32-byte load, then joined; measured faster on AMD Zen 5 than vexpandps from memory or a
+  // 64-byte load (which crosses a cache line on nearly every group) expanded in registers.
+  template <class V> static F expand(unsigned m, const V* p) { return _mm512_maskz_expand_ps(__mmask16(m), load16(p)); }
+  static __m256 half(unsigned m, const float* p) {
+    __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPermute[m].data()));
+    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
+    return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_srai_epi32(idx, 31)), w);
+  }
+  static F expand(unsigned m, const float* p) {
+    const unsigned lo = m & 0xFF;
+    const __m256 a = half(lo, p), b = half(m >> 8, p + popcount(lo));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+  }
+  static F broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  template <class V> static F broadcast(const V* p) { return _mm512_set1_ps(to_float(*p)); }
+};
+#include "bitmask_cpu_body.h"
+}  // namespace avx512
+#pragma GCC pop_options
+// The instruction set asked for (the caller checked the CPU has it) runs `call` from its namespace.
+#define LLMPRUNE_DISPATCH(isa, call)       \
+  do {                                     \
+    if ((isa) == AVX512) avx512::call;     \
+    else if ((isa) == AVX2) avx2::call;    \
+    else portable::call;                   \
+  } while (0)
+#else
+#define LLMPRUNE_DISPATCH(isa, call) portable::call
+#endif
+
+enum Isa : int64_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+
+int64_t best_isa() {
+#ifndef LLMPRUNE_X86
+  return PORTABLE;
+#else
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
+  return PORTABLE;
+#endif
+}
+
+void check(const torch::Tensor& values, const torch::Tensor& masks, const torch::Tensor& offsets, int64_t isa) {
+  TORCH_CHECK(values.is_contiguous() && masks.is_contiguous() && offsets.is_contiguous(), "layout tensors must be contiguous");
+  TORCH_CHECK(masks.scalar_type() == torch::kUInt8 && masks.dim() == 2 && masks.size(1) % 8 == 0, "masks: uint8 [rows, 8k]");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == masks.size(0) + 1, "offsets: int64 [rows + 1]");
+  TORCH_CHECK(values.device().is_cpu() && masks.device().is_cpu() && offsets.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(isa >= PORTABLE && isa <= best_isa(), "this CPU lacks the instruction set asked for");
+}
+
+// Calls f(tag) with a null pointer of the values' element type.
+template <class Fn> void by_dtype(const torch::Tensor& values, Fn&& f) {
+  switch (values.scalar_type()) {
+    case torch::kFloat: f(static_cast<const float*>(nullptr)); break;
+    case torch::kBFloat16: f(static_cast<const bf16*>(nullptr)); break;
+    case torch::kHalf: f(static_cast<const f16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "values must be float32, bfloat16 or float16");
+  }
+}
+
+// Rows per task: enough work per task to amortise the pool (about 32k weights), at least 4 rows.
+int64_t grain(int64_t kp) { return std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(kp, 1)); }
+
+// y [tokens, rows] = x [tokens, kp] Wᵀ, expanding in registers (x fp32, zero-padded to kp inputs; its row stride
+// may exceed kp: a stride off powers of two keeps the tokens' rows out of each other's cache sets).
+torch::Tensor matmul_expand(torch::Tensor x, torch::Tensor values, torch::Tensor masks, torch::Tensor offsets, int64_t isa) {
+  check(values, masks, offsets, isa);
+  const int64_t rows = masks.size(0), kb = masks.size(1), kp = 8 * kb;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(1) == kp && x.stride(1) == 1 &&
+              x.stride(0) >= kp, "x: float32 [tokens, kp], rows contiguous");
+  const int64_t tokens = x.size(0), ldx = x.stride(0);
+  auto y = torch::empty({tokens, rows}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* mp = masks.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  by_dtype(values, [&](auto tag) {
+    using V = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    const V* vp = reinterpret_cast<const V*>(values.data_ptr());
+    at::parallel_for(0, rows, grain(kp), [&](int64_t r0, int64_t r1) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+        const int tb = int(std::min<int64_t>(8, tokens - t0));
+        const float* xt = xp + t0 * ldx;
+        float* yt = yp + t0 * rows;
+        LLMPRUNE_DISPATCH(isa, expand_rows(tb, xt, ldx, vp, mp, kb, op, yt, rows, r0, r1));
+      }
+    });
+  });
+  return y;
+}
+
+// yT [rows, tp] = W xT, xT [kp, tp] (x transposed, tokens padded to tp, a multiple of the ISA's vector width).
+torch::Tensor matmul_gather(torch::Tensor xT, torch::Tensor values, torch::Tensor masks, torch::Tensor offsets, int64_t isa) {
+  check(values, masks, offsets, isa);
+  const int64_t rows = masks.size(0), kb = masks.size(1), kp = 8 * kb;
+  const int64_t width = isa == AVX512 ? 16 : 8;
+  TORCH_CHECK(xT.scalar_type() == torch::kFloat && xT.dim() == 2 && xT.size(0) == kp && xT.is_contiguous() &&
+              xT.size(1) % width == 0, "xT: float32 [kp, tokens padded to the vector width]");
+  const int64_t tp = xT.size(1);
+  auto yT = torch::empty({rows, tp}, xT.options());
+  const float* xp = xT.data_ptr<float>();
+  float* yp = yT.data_ptr<float>();
+  const uint8_t* mp = masks.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  by_dtype(values, [&](auto tag) {
+    using V = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    const V* vp = reinterpret_cast<const V*>(values.data_ptr());
+    at::parallel_for(0, rows, grain(kp), [&](int64_t r0, int64_t r1) {
+      for (int64_t t0 = 0; t0 < tp;) {
+        const int nv = int(std::min<int64_t>(8, (tp - t0) / width));
+        LLMPRUNE_DISPATCH(isa, gather_rows(nv, xp, tp, t0, vp, mp, kb, op, yp, r0, r1));
+        t0 += nv * width;
+      }
+    });
+  });
+  return yT;
+}
+
+// y = x Wᵀ for many tokens: blocks of `block` rows are expanded into a buffer the caches hold, each followed by
+// torch's GEMM on it, so the dense weight never goes to memory (and no large buffer is allocated and faulted in
+// on each call). Returns yT [rows, tokens]; xT is x transposed [kp, tokens] (any strides).
+torch::Tensor matmul_blocked(torch::Tensor xT, torch::Tensor values, torch::Tensor masks, torch::Tensor offsets,
+                             int64_t isa, int64_t block) {
+  check(values, masks, offsets, isa);
+  const int64_t rows = masks.size(0), kb = masks.size(1), kp = 8 * kb;
+  TORCH_CHECK(xT.scalar_type() == torch::kFloat && xT.dim() == 2 && xT.size(0) == kp, "xT: float32 [kp, tokens]");
+  TORCH_CHECK(block > 0, "block must be positive");
+  auto yT = torch::empty({rows, xT.size(1)}, xT.options());
+  auto buffer = torch::empty({std::min(block, rows), kp}, xT.options());
+  float* bp = buffer.data_ptr<float>();
+  const uint8_t* mp = masks.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  by_dtype(values, [&](auto tag) {
+    using V = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    const V* vp = reinterpret_cast<const V*>(values.data_ptr());
+    for (int64_t b0 = 0; b0 < rows; b0 += block) {
+      const int64_t nb = std::min(block, rows - b0);
+      // dense_rows writes row n at out + n·kp: shift the buffer's origin so that row b0 lands at its start
+      float* origin = bp - b0 * kp;
+      at::parallel_for(b0, b0 + nb, grain(kp), [&](int64_t r0, int64_t r1) {
+        LLMPRUNE_DISPATCH(isa, dense_rows(vp, mp, kb, op, origin, r0, r1));
+      });
+      auto out = yT.narrow(0, b0, nb);
+      at::mm_out(out, buffer.narrow(0, 0, nb), xT);
+    }
+  });
+  return yT;
+}
+
+// The dense fp32 weight [rows, kp] (zeros where the mask has none).
+torch::Tensor expand(torch::Tensor values, torch::Tensor masks, torch::Tensor offsets, int64_t isa) {
+  check(values, masks, offsets, isa);
+  const int64_t rows = masks.size(0), kb = masks.size(1), kp = 8 * kb;
+  auto out = torch::empty({rows, kp}, torch::TensorOptions().dtype(torch::kFloat));
+  float* dp = out.data_ptr<float>();
+  const uint8_t* mp = masks.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  by_dtype(values, [&](auto tag) {
+    using V = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    const V* vp = reinterpret_cast<const V*>(values.data_ptr());
+    at::parallel_for(0, rows, grain(kp), [&](int64_t r0, int64_t r1) {
+      LLMPRUNE_DISPATCH(isa, dense_rows(vp, mp, kb, op, dp, r0, r1));
+    });
+  });
+  return out;
+}
+
+}  // namespace llmprune_cpu
+
+bool threaded() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("threaded", &threaded, "whether the build runs on torch's OpenMP thread pool");
+  m.def("best_isa", &llmprune_cpu::best_isa, "0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F: the best this CPU runs");
+  m.def("matmul_expand", &llmprune_cpu::matmul_expand, "y = x W^T, weights expanded in registers (decode)");
+  m.def("matmul_gather", &llmprune_cpu::matmul_gather, "y^T = W x^T, kept values broadcast over tokens");
+  m.def("matmul_blocked", &llmprune_cpu::matmul_blocked, "y^T = W x^T, row blocks expanded for torch's GEMM");
+  m.def("expand", &llmprune_cpu::expand, "the dense float32 weight [rows, kp]");
+}

@@ -1,0 +1,247 @@
+"""CPU kernels for pruned weights: the row bitmask layout, packed in torch, its arithmetic in torch (the reference
+the tests hold the kernels to), compilation on first use for the CPU at hand, and the calls.
+
+Layout (`pack_rows`), any sparsity (unstructured or N:M): per row a bitmask of its inputs (1 bit a weight,
+inputs padded to a multiple of 64) and its kept values, row after row, in float32, bfloat16 or float16. A
+50%-sparse float32 weight moves 2.125 bytes a weight instead of 4; with bfloat16 values 1.125.
+
+The C++ (kernels/bitmask_cpu.cpp) is compiled once per machine and torch version with torch's cpp_extension
+into a cache folder; it holds code for AVX-512F, AVX2 + FMA + F16C and the baseline ISA and picks by what the
+CPU reports at run time. Up to EXPAND_TOKENS tokens the weights are expanded in registers (decode, bound by
+memory); up to GATHER_TOKENS only the kept values are multiplied, broadcast over the tokens; beyond, the rows are
+expanded to a dense block for torch's GEMM (prefill), which measured the fastest there (README, "CPU kernels").
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+SOURCE, BODY = "bitmask_cpu.cpp", "bitmask_cpu_body.h"
+ISAS = ("portable", "avx2", "avx512")  # the C++ side's numbering
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROW_ALIGN = 64  # inputs per row are padded to this (the gather kernel reads the mask 64 bits at a time)
+VALUE_PAD = 16  # trailing zeros after the last row's values, for full-vector loads
+# 1..EXPAND_TOKENS tokens: expand in registers; up to GATHER_TOKENS (any number where at most GATHER_DENSITY of
+# the weight is kept): multiply the kept values only; beyond: row blocks expanded for torch's GEMM (measured on an
+# AMD Zen 5, 2 cores: README "CPU kernels")
+EXPAND_TOKENS = 6
+GATHER_TOKENS = 128
+GATHER_DENSITY = 0.4
+BLOCK_BYTES = 8 << 20  # the expanded row block of method "dense" (measured best at 2-8 MiB; the last-level cache)
+X_SKEW = 16  # floats added to the row stride of x for the expand kernel (kp is a multiple of 64: cache set conflicts)
+
+
+def source_dir() -> Path:
+    from llmprune.kernels import source_dir as kernels_dir
+
+    return kernels_dir()
+
+
+# ---- layout (pure torch) ----------------------------------------------------------------------------------
+
+
+def padded_cols(cols: int) -> int:
+    return -(-cols // ROW_ALIGN) * ROW_ALIGN
+
+
+def pack_rows(W: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """W [rows, cols] → (values [kept + VALUE_PAD] in `dtype` (W's by default), masks uint8 [rows, kp / 8],
+    offsets int64 [rows + 1]). Bit j of mask byte c flags input 8c + j; kp = cols rounded up to ROW_ALIGN.
+    A weight is kept where W is non-zero (a value that rounds to zero in `dtype` is still stored)."""
+    dtype = dtype or W.dtype
+    if dtype not in VALUE_DTYPES:
+        raise ValueError(f"values must be one of {VALUE_DTYPES}; got {dtype}")
+    rows, cols = W.shape
+    W = W.detach().to("cpu")
+    kp = padded_cols(cols)
+    keep = torch.zeros(rows, kp, dtype=torch.bool)
+    keep[:, :cols] = W != 0
+    weights = 1 << torch.arange(8, dtype=torch.int32)
+    masks = (keep.view(rows, kp // 8, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(keep.sum(1), 0)
+    values = torch.zeros(int(offsets[-1]) + VALUE_PAD, dtype=dtype)
+    values[: int(offsets[-1])] = W[keep[:, :cols]].to(dtype)
+    return values, masks.contiguous(), offsets
+
+
+def unpack_rows(values: Tensor, masks: Tensor, offsets: Tensor, cols: int) -> Tensor:
+    """The dense [rows, cols] weight of pack_rows' output, in the values' dtype."""
+    rows, kb = masks.shape
+    bits = (masks.view(rows, kb, 1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1
+    keep = bits.view(rows, kb * 8).bool()
+    dense = values.new_zeros(rows, kb * 8)
+    dense[keep] = values[: int(offsets[-1])]
+    return dense[:, :cols]
+
+
+def reference(values: Tensor, masks: Tensor, offsets: Tensor, x: Tensor, cols: int) -> Tensor:
+    """y = x Wᵀ in float32 from the row layout: what the kernels compute."""
+    return x.float() @ unpack_rows(values, masks, offsets, cols).float().T
+
+
+# ---- compilation -------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: $LLMPRUNE_KERNEL_CACHE, else ~/.cache/llmprune/kernels (XDG_CACHE_HOME honoured)."""
+    if os.environ.get("LLMPRUNE_KERNEL_CACHE"):
+        return Path(os.environ["LLMPRUNE_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmprune" / "kernels"
+
+
+def _build_key() -> str:
+    """Sources, torch and Python versions: a compiled module is reused only where all three match."""
+    digest = hashlib.sha256()
+    for name in (SOURCE, BODY):
+        digest.update((source_dir() / name).read_bytes())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    return digest.hexdigest()[:12]
+
+
+_refusal: str | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def extension():
+    """The compiled module (built on first use, then loaded from the cache), or None where it cannot be built
+    (no C++ compiler, a failed build): `refusal()` then says why in one line."""
+    global _refusal
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        _refusal = f"no C++ compiler ('{compiler}') is on PATH to build the CPU kernels; install g++ or clang++"
+        return None
+    from torch.utils import cpp_extension
+
+    key = _build_key()
+    build = cache_dir() / f"cpu-{key}"
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _refusal = f"cannot create the kernel cache {build} ({err.strerror}); set LLMPRUNE_KERNEL_CACHE to a writable folder"
+        return None
+    fresh = not any(build.glob("*.so"))
+    started = time.perf_counter()
+    if fresh:
+        log.info("compiling llmprune's CPU kernels for this machine (once; cached in %s)", build)
+    # OpenMP: at::parallel_for runs on torch's pool only in code built with it (torch ships the same libgomp)
+    module = None
+    for flags in (["-fopenmp"], []):
+        try:
+            module = cpp_extension.load(name=f"llmprune_cpu_{key}", sources=[str(source_dir() / SOURCE)],
+                                        extra_cflags=["-O3", "-std=c++17", *flags], extra_ldflags=flags,
+                                        extra_include_paths=[str(source_dir())], build_directory=str(build), verbose=False)
+            break
+        except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _refusal = f"the CPU kernels failed to build ({first[:200]})"
+            log.debug("CPU kernel build failed with flags %s", flags, exc_info=True)
+    if module is None:
+        return None
+    _refusal = None
+    if not module.threaded():
+        log.warning("the CPU kernels were built without OpenMP (the compiler refused -fopenmp): they run on one thread")
+    if fresh:
+        log.info("CPU kernels compiled in %.0f s", time.perf_counter() - started)
+    return module
+
+
+def refusal() -> str | None:
+    """Why the CPU kernels cannot run here (None when they can)."""
+    extension()
+    return _refusal
+
+
+def best_isa() -> str:
+    """The widest instruction set this CPU runs our kernels with: 'avx512', 'avx2' or 'portable'."""
+    module = extension()
+    return ISAS[module.best_isa()] if module is not None else "portable"
+
+
+def available_isas() -> list[str]:
+    return list(ISAS[: ISAS.index(best_isa()) + 1]) if extension() is not None else []
+
+
+def _isa(isa: str | None) -> int:
+    if isa is None:
+        return ISAS.index(_default_isa())
+    if isa not in available_isas():
+        raise ValueError(f"instruction set '{isa}' is not available here (available: {', '.join(available_isas()) or 'none'})")
+    return ISAS.index(isa)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_isa() -> str:
+    forced = os.environ.get("LLMPRUNE_CPU_ISA")
+    if forced:
+        if forced not in available_isas():
+            log.warning("LLMPRUNE_CPU_ISA=%s is not available here; using %s", forced, best_isa())
+            return best_isa()
+        return forced
+    return best_isa()
+
+
+# ---- calls -------------------------------------------------------------------------------------------------
+
+
+def method_for(tokens: int, density: float = 0.5) -> str:
+    """The path a call with this many tokens takes on a weight keeping `density` of its entries: 'expand',
+    'gather' or 'dense' (README, "CPU kernels", has the measurements these thresholds come from)."""
+    if tokens <= EXPAND_TOKENS:
+        return "expand"
+    return "gather" if tokens <= GATHER_TOKENS or density <= GATHER_DENSITY else "dense"
+
+
+def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,
+           isa: str | None = None) -> Tensor:
+    """y = x Wᵀ on the CPU for x [..., cols] of any float dtype (float32 sums; y in x's dtype)."""
+    module = extension()
+    if module is None:
+        raise RuntimeError(refusal())
+    if x.shape[-1] != cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {cols}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    tokens, rows, kp = x2.shape[0], masks.shape[0], masks.shape[1] * 8
+    code = _isa(isa)
+    method = method or method_for(tokens, int(offsets[-1]) / max(1, rows * cols))
+    if tokens == 0:
+        y = x2.new_zeros(0, rows)
+    elif method == "dense":
+        xT = x2.new_zeros(kp, tokens, dtype=torch.float32)
+        xT[:cols] = x2.T
+        block = max(16, BLOCK_BYTES // (4 * kp))
+        y = module.matmul_blocked(xT, values, masks, offsets, code, block).T
+    elif method == "expand":
+        xp = x2.new_zeros(tokens, kp + X_SKEW, dtype=torch.float32)  # rows X_SKEW apart from a power of two
+        xp[:, :cols] = x2
+        y = module.matmul_expand(xp[:, :kp], values, masks, offsets, code)
+    elif method == "gather":
+        width = 16 if ISAS[code] == "avx512" else 8
+        tp = -(-tokens // width) * width
+        xT = x2.new_zeros(kp, tp, dtype=torch.float32)
+        xT[:cols, :tokens] = x2.T
+        y = module.matmul_gather(xT, values, masks, offsets, code)[:, :tokens].T
+    else:
+        raise ValueError(f"unknown method '{method}' (expand, gather or dense)")
+    return y.to(x.dtype).reshape(*lead, rows)
+
+
+def expand(values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, isa: str | None = None) -> Tensor:
+    """The dense float32 weight [rows, cols], expanded by the compiled code."""
+    module = extension()
+    if module is None:
+        raise RuntimeError(refusal())
+    return module.expand(values, masks, offsets, _isa(isa))[:, :cols]

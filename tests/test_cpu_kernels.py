@@ -1,0 +1,228 @@
+"""The CPU kernels (kernels/bitmask_cpu.cpp via llmprune/cpu_kernels.py): layout round trips, every instruction
+set this machine has against the float64 product for every value dtype, odd shapes and token counts, the
+fallback without a compiler, and SparseLinear on the CPU inside generate()."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmprune import cpu_kernels as ck
+from llmprune import formats, masks
+
+pytestmark = pytest.mark.skipif(ck.refusal() is not None, reason=f"CPU kernels unavailable: {ck.refusal()}")
+
+
+def pruned(rows, cols, sparsity=0.5, *, pattern=None, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    if pattern is not None:
+        keep = ~masks.select_mask(W.abs(), 0.0, masks.Pattern(*pattern))
+    else:
+        keep = torch.rand(rows, cols, generator=g) >= sparsity
+    return (W * keep).to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 150), sparsity=st.floats(0, 1),
+       dtype=st.sampled_from(ck.VALUE_DTYPES), seed=st.integers(0, 2**16))
+def test_pack_round_trip(rows, cols, sparsity, dtype, seed):
+    W = pruned(rows, cols, sparsity, seed=seed).to(dtype)
+    values, row_masks, offsets = ck.pack_rows(W)
+    assert row_masks.shape == (rows, ck.padded_cols(cols) // 8) and row_masks.dtype == torch.uint8
+    assert offsets[-1] == int(torch.count_nonzero(W)) and values.numel() == offsets[-1] + ck.VALUE_PAD
+    assert torch.equal(ck.unpack_rows(values, row_masks, offsets, cols), W)
+
+
+def test_pack_casts_values_and_keeps_the_mask():
+    W = pruned(8, 64)
+    values, row_masks, offsets = ck.pack_rows(W, torch.bfloat16)
+    assert values.dtype == torch.bfloat16
+    assert torch.equal(ck.unpack_rows(values, row_masks, offsets, 64), W.to(torch.bfloat16))
+
+
+TOKENS = (1, 2, 3, 5, 8, 9, 13, 16, 17, 40)
+SHAPES = ((1, 1), (3, 7), (17, 65), (64, 128), (130, 200), (33, 1000))
+
+
+@pytest.mark.parametrize("isa", ck.available_isas())
+@pytest.mark.parametrize("dtype", ck.VALUE_DTYPES, ids=str)
+@pytest.mark.parametrize("method", ("expand", "gather", "dense"))
+def test_kernels_match_the_product(isa, dtype, method):
+    for k, (rows, cols) in enumerate(SHAPES):
+        W = pruned(rows, cols, 0.6, seed=k)
+        values, row_masks, offsets = ck.pack_rows(W, dtype)
+        W_stored = ck.unpack_rows(values, row_masks, offsets, cols).double()
+        for tokens in TOKENS:
+            x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+            want = x.double() @ W_stored.T
+            got = ck.matmul(x, values, row_masks, offsets, cols, method=method, isa=isa)
+            assert got.shape == (tokens, rows) and got.dtype == torch.float32
+            tol = 1e-5 * (x.double().abs() @ W_stored.abs().T) + 1e-6
+            assert bool(((got.double() - want).abs() <= tol).all()), (isa, dtype, method, rows, cols, tokens)
+
+
+@pytest.mark.parametrize("isa", ck.available_isas())
+def test_layouts_the_kernels_see(isa):
+    """N:M and the extremes of sparsity: all zero rows, all kept rows, a row ending inside a mask byte."""
+    cases = [pruned(16, 96, pattern=(2, 4)), pruned(12, 80, pattern=(1, 8)), torch.zeros(5, 70),
+             torch.randn(6, 67), pruned(9, 129, 0.95)]
+    for W in cases:
+        values, row_masks, offsets = ck.pack_rows(W)
+        for tokens in (1, 4, 12, 33):
+            x = torch.randn(tokens, W.shape[1])
+            torch.testing.assert_close(ck.matmul(x, values, row_masks, offsets, W.shape[1], isa=isa),
+                                       x @ W.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ck.expand(values, row_masks, offsets, W.shape[1], isa=isa), W)
+
+
+@pytest.mark.parametrize("isa", ck.available_isas())
+def test_blocked_gemm_over_many_blocks(isa):
+    """method 'dense' expands row blocks for torch's GEMM: blocks that do not divide the rows, one row, all rows."""
+    W = pruned(33, 100, 0.5)
+    values, row_masks, offsets = ck.pack_rows(W, torch.bfloat16)
+    W = ck.unpack_rows(values, row_masks, offsets, 100).float()
+    x = torch.randn(20, 100)
+    xT = torch.zeros(row_masks.shape[1] * 8, 20)
+    xT[:100] = x.T
+    for block in (1, 7, 33, 1000):
+        yT = ck.extension().matmul_blocked(xT, values, row_masks, offsets, ck.ISAS.index(isa), block)
+        torch.testing.assert_close(yT.T, x @ W.T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_method_follows_tokens_and_density():
+    assert ck.method_for(1) == ck.method_for(ck.EXPAND_TOKENS) == "expand"
+    assert ck.method_for(ck.EXPAND_TOKENS + 1) == ck.method_for(ck.GATHER_TOKENS) == "gather"
+    assert ck.method_for(ck.GATHER_TOKENS + 1, 0.5) == "dense"
+    assert ck.method_for(4096, ck.GATHER_DENSITY) == "gather"  # at high sparsity only kept values cost time
+
+
+def test_inputs_of_other_dtypes_and_shapes():
+    W = pruned(24, 64)
+    values, row_masks, offsets = ck.pack_rows(W)
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(ck.matmul(x, values, row_masks, offsets, 64), x @ W.T, rtol=1e-5, atol=1e-5)
+    y = ck.matmul(x.to(torch.bfloat16), values, row_masks, offsets, 64)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
+    xt = torch.randn(64, 5).T  # not contiguous
+    torch.testing.assert_close(ck.matmul(xt, values, row_masks, offsets, 64), xt @ W.T, rtol=1e-5, atol=1e-5)
+    assert ck.matmul(torch.randn(0, 64), values, row_masks, offsets, 64).shape == (0, 24)
+    with pytest.raises(ValueError, match="features"):
+        ck.matmul(torch.randn(1, 63), values, row_masks, offsets, 64)
+
+
+def test_an_isa_the_cpu_lacks_is_refused():
+    missing = [isa for isa in ck.ISAS if isa not in ck.available_isas()]
+    if not missing:
+        pytest.skip("this CPU runs every instruction set")
+    W = pruned(4, 64)
+    with pytest.raises(ValueError, match="not available"):
+        ck.matmul(torch.randn(1, 64), *ck.pack_rows(W), 64, isa=missing[0])
+
+
+def test_the_best_isa_is_what_the_cpu_reports():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    flags = line.partition(":")[2].split()
+    want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "portable"
+    assert ck.best_isa() == want
+
+
+def test_threads_split_rows_and_agree():
+    W = pruned(301, 256)
+    packed = ck.pack_rows(W)
+    x = torch.randn(3, 256)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ck.matmul(x, *packed, 256)
+        torch.set_num_threads(max(2, before))
+        many = ck.matmul(x, *packed, 256)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)  # rows are independent: the split changes no sum
+
+
+def test_without_a_compiler_the_kernels_refuse_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-llmprune")
+    monkeypatch.setenv("LLMPRUNE_KERNEL_CACHE", str(tmp_path))
+    ck.extension.cache_clear()
+    try:
+        assert ck.extension() is None
+        reason = ck.refusal()
+        assert "no C++ compiler" in reason and "no-such-compiler-llmprune" in reason and "\n" not in reason
+        assert ck.available_isas() == []
+    finally:
+        monkeypatch.undo()
+        ck.extension.cache_clear()
+        ck._refusal = None
+    assert ck.refusal() is None
+
+
+def test_the_build_is_cached():
+    ck.extension()
+    built = list(ck.cache_dir().glob("cpu-*/*.so"))
+    assert built, "the compiled module lives in the cache folder"
+
+
+# ---- SparseLinear on the CPU --------------------------------------------------------------------------------
+
+
+def test_sparse_linear_runs_the_cpu_kernels(caplog):
+    from llmprune.deploy import SparseLinear
+
+    W = pruned(48, 96)
+    bias = torch.randn(48)
+    layer = SparseLinear(W, bias, formats.BITMASK)
+    assert layer.target == "cpu" and layer.stored_bytes() < W.numel() * 4 * 0.6
+    for tokens in (1, 6, 16, 40):
+        x = torch.randn(tokens, 96)
+        with caplog.at_level(logging.WARNING):
+            torch.testing.assert_close(layer(x), x @ W.T + bias, rtol=1e-5, atol=1e-5)
+    assert "not used" not in caplog.text
+    torch.testing.assert_close(layer.dense_weight(), W)
+    half = SparseLinear(W, None, formats.BITMASK, values_dtype=torch.bfloat16)
+    assert half.values.dtype == torch.bfloat16
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(half(x), x @ W.to(torch.bfloat16).float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_linear_24_on_the_cpu():
+    from llmprune.deploy import SparseLinear
+
+    W = pruned(32, 64, pattern=(2, 4))
+    layer = SparseLinear(W, None, formats.SPARSE24)
+    assert layer.target == "cpu"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ W.T, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_cpu_kernels_equals_the_dense_pruned_model():
+    import copy
+
+    from conftest import tiny_model
+
+    from llmprune import deploy
+    from llmprune.models import find_linears
+
+    model = tiny_model("llama").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in find_linears(layer, "").values():
+                W = module.weight
+                W.mul_(torch.rand_like(W) >= 0.5)
+    sparse = copy.deepcopy(model)
+    report = deploy.sparsify(sparse)
+    assert report["swapped"] == 7 * len(model.model.layers)
+    swapped = [m for m in sparse.modules() if isinstance(m, deploy.SparseLinear)]
+    assert len(swapped) == report["swapped"] and all(m.target == "cpu" for m in swapped)
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    dense_out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    sparse_out = sparse.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(dense_out, sparse_out)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
