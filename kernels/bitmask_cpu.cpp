@@ -263,16 +263,17 @@ torch::Tensor matmul_gather(torch::Tensor xT, torch::Tensor values, torch::Tenso
 }
 
 // y = x Wᵀ for many tokens: blocks of `block` rows are expanded into a buffer the caches hold, each followed by
-// torch's GEMM on it, so the dense weight never goes to memory (and no large buffer is allocated and faulted in
-// on each call). Returns yT [rows, tokens]; xT is x transposed [kp, tokens] (any strides).
-torch::Tensor matmul_blocked(torch::Tensor xT, torch::Tensor values, torch::Tensor masks, torch::Tensor offsets,
+// torch's GEMM on it, written straight into y's columns, so the dense weight never goes to memory (and no large
+// buffer is allocated and faulted in on each call). x [tokens, kp] fp32, rows contiguous; returns y [tokens, rows].
+torch::Tensor matmul_blocked(torch::Tensor x, torch::Tensor values, torch::Tensor masks, torch::Tensor offsets,
                              int64_t isa, int64_t block) {
   check(values, masks, offsets, isa);
   const int64_t rows = masks.size(0), kb = masks.size(1), kp = 8 * kb;
-  TORCH_CHECK(xT.scalar_type() == torch::kFloat && xT.dim() == 2 && xT.size(0) == kp, "xT: float32 [kp, tokens]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(1) == kp && x.stride(1) == 1,
+              "x: float32 [tokens, kp], rows contiguous");
   TORCH_CHECK(block > 0, "block must be positive");
-  auto yT = torch::empty({rows, xT.size(1)}, xT.options());
-  auto buffer = torch::empty({std::min(block, rows), kp}, xT.options());
+  auto y = torch::empty({x.size(0), rows}, x.options());
+  auto buffer = torch::empty({std::min(block, rows), kp}, x.options());
   float* bp = buffer.data_ptr<float>();
   const uint8_t* mp = masks.data_ptr<uint8_t>();
   const int64_t* op = offsets.data_ptr<int64_t>();
@@ -286,11 +287,11 @@ torch::Tensor matmul_blocked(torch::Tensor xT, torch::Tensor values, torch::Tens
       at::parallel_for(b0, b0 + nb, grain(kp), [&](int64_t r0, int64_t r1) {
         LLMPRUNE_DISPATCH(isa, dense_rows(vp, mp, kb, op, origin, r0, r1));
       });
-      auto out = yT.narrow(0, b0, nb);
-      at::mm_out(out, buffer.narrow(0, 0, nb), xT);
+      auto out = y.narrow(1, b0, nb);  // columns of y: a strided view, which torch's GEMM writes in place
+      at::mm_out(out, x, buffer.narrow(0, 0, nb).t());
     }
   });
-  return yT;
+  return y;
 }
 
 // The dense fp32 weight [rows, kp] (zeros where the mask has none).
@@ -326,6 +327,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &llmprune_cpu::best_isa, "0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F: the best this CPU runs");
   m.def("matmul_expand", &llmprune_cpu::matmul_expand, "y = x W^T, weights expanded in registers (decode)");
   m.def("matmul_gather", &llmprune_cpu::matmul_gather, "y^T = W x^T, kept values broadcast over tokens");
-  m.def("matmul_blocked", &llmprune_cpu::matmul_blocked, "y^T = W x^T, row blocks expanded for torch's GEMM");
+  m.def("matmul_blocked", &llmprune_cpu::matmul_blocked, "y = x W^T, row blocks expanded for torch's GEMM");
   m.def("expand", &llmprune_cpu::expand, "the dense float32 weight [rows, kp]");
 }

@@ -39,7 +39,6 @@ EXPAND_TOKENS = 6
 GATHER_TOKENS = 128
 GATHER_DENSITY = 0.4
 BLOCK_BYTES = 8 << 20  # the expanded row block of method "dense" (measured best at 2-8 MiB; the last-level cache)
-X_SKEW = 16  # floats added to the row stride of x for the expand kernel (kp is a multiple of 64: cache set conflicts)
 
 
 def source_dir() -> Path:
@@ -176,10 +175,15 @@ def available_isas() -> list[str]:
 
 def _isa(isa: str | None) -> int:
     if isa is None:
-        return ISAS.index(_default_isa())
+        return _default_code()
     if isa not in available_isas():
         raise ValueError(f"instruction set '{isa}' is not available here (available: {', '.join(available_isas()) or 'none'})")
     return ISAS.index(isa)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_code() -> int:
+    return ISAS.index(_default_isa())
 
 
 @functools.lru_cache(maxsize=1)
@@ -205,8 +209,9 @@ def method_for(tokens: int, density: float = 0.5) -> str:
 
 
 def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,
-           isa: str | None = None) -> Tensor:
-    """y = x Wᵀ on the CPU for x [..., cols] of any float dtype (float32 sums; y in x's dtype)."""
+           isa: str | None = None, density: float | None = None) -> Tensor:
+    """y = x Wᵀ on the CPU for x [..., cols] of any float dtype (float32 sums; y in x's dtype). `density` (the
+    kept fraction; read from `offsets` where not given) picks the path with the token count, unless `method`."""
     module = extension()
     if module is None:
         raise RuntimeError(refusal())
@@ -216,18 +221,18 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
     x2 = x.reshape(-1, cols)
     tokens, rows, kp = x2.shape[0], masks.shape[0], masks.shape[1] * 8
     code = _isa(isa)
-    method = method or method_for(tokens, int(offsets[-1]) / max(1, rows * cols))
+    if method is None:
+        method = method_for(tokens, density if density is not None else int(offsets[-1]) / max(1, rows * cols))
     if tokens == 0:
         y = x2.new_zeros(0, rows)
-    elif method == "dense":
-        xT = x2.new_zeros(kp, tokens, dtype=torch.float32)
-        xT[:cols] = x2.T
-        block = max(16, BLOCK_BYTES // (4 * kp))
-        y = module.matmul_blocked(xT, values, masks, offsets, code, block).T
-    elif method == "expand":
-        xp = x2.new_zeros(tokens, kp + X_SKEW, dtype=torch.float32)  # rows X_SKEW apart from a power of two
-        xp[:, :cols] = x2
-        y = module.matmul_expand(xp[:, :kp], values, masks, offsets, code)
+    elif method in ("dense", "expand"):
+        xp = x2.to(torch.float32)
+        if kp != cols or xp.stride(-1) != 1:
+            xp = torch.nn.functional.pad(xp, (0, kp - cols)) if kp != cols else xp.contiguous()
+        if method == "dense":
+            y = module.matmul_blocked(xp, values, masks, offsets, code, max(16, BLOCK_BYTES // (4 * kp)))
+        else:
+            y = module.matmul_expand(xp, values, masks, offsets, code)
     elif method == "gather":
         width = 16 if ISAS[code] == "avx512" else 8
         tp = -(-tokens // width) * width

@@ -60,6 +60,7 @@ class SparseLinear(nn.Module):
             self.target = "cpu"
             parts = cpu_kernels.pack_rows(W, self.values_dtype or W.dtype)
             names = _CPU_BUFFERS
+            self._density = int(parts[2][-1]) / max(1, W.numel())  # picks the kernel per call
         for name, part in zip(names, parts):
             self.register_buffer(name, part)
 
@@ -87,7 +88,8 @@ class SparseLinear(nn.Module):
             self._pack(self.dense_weight(), x.device)
         reason = self._kernel_refusal(x)
         if reason is None and kind == "cpu":
-            y = cpu_kernels.matmul(x, self.values, self.row_masks, self.row_offsets, self.in_features)
+            y = cpu_kernels.matmul(x, self.values, self.row_masks, self.row_offsets, self.in_features,
+                                   density=self._density)
         elif reason is None and self.layout == formats.SPARSE24:
             y = kernels.sparse24_matmul(self.values, self.meta, x, self.out_features, self.in_features)
         elif reason is None:

@@ -81,8 +81,44 @@ def test_bench_without_a_gpu_is_a_clear_error(tmp_path):
 
     from llmprune.cli import app
 
-    result = CliRunner().invoke(app, ["bench", str(tmp_path)])
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    result = CliRunner().invoke(app, ["bench", str(tmp_path), "--device", "cuda"])
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.stderr
+    result = CliRunner().invoke(app, ["bench", str(tmp_path), "--device", "tpu"])
+    assert result.exit_code == 2 and "--device must be" in result.stderr
+
+
+def test_bench_on_the_cpu(tmp_path):
+    """`llmprune bench --device cpu` on a small pruned model: every contender timed, the same greedy tokens."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import byte_tokenizer
+
+    from llmprune import api, cpu_kernels
+    from llmprune.cli import app
+
+    if cpu_kernels.refusal() is not None:
+        pytest.skip(cpu_kernels.refusal())
+    api.prune(tiny_model("llama"), tokenizer=byte_tokenizer(), method="magnitude", sparsity=0.5, out=str(tmp_path / "m"))
+    args = ["bench", str(tmp_path / "m"), "--device", "cpu", "--tokens", "1,9,20", "--repeats", "3",
+            "--decode-tokens", "6", "--prompt", "5", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["environment"]["kernel_isa"] == cpu_kernels.best_isa() and data["environment"]["copy_gbs"] > 0
+    rows = data["kernels"]
+    assert {r["tokens"] for r in rows} == {1, 9, 20} and {r["method"] for r in rows} == {"expand", "gather"}
+    for r in rows:
+        assert all(r[k] > 0 for k in ("dense_s", "dense_bf16_s", "csr_s", "ours_float32_s", "ours_bfloat16_s"))
+        assert r["ours_float32_rel_err"] < 1e-5 and r["ours_bfloat16_rel_err"] < 1e-5
+    decode = data["decode"]
+    assert decode["ours_float32"]["same_tokens"] and decode["ours_float32"]["swapped"] > 0
+    assert decode["dense"]["tokens_per_s"] > 0 and decode["ours_bfloat16"]["breakdown"]["step_s"] > 0
+    bad = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--device", "cpu", "--values-dtype", "int8"])
+    assert bad.exit_code == 2 and "--values-dtype" in bad.stderr
 
 
 def _gpu_ready():
