@@ -146,14 +146,9 @@ struct Ops {
   // permutation from a 32-byte load, then joined; measured faster on AMD Zen 5 than vexpandps from memory or a
   // 64-byte load (which crosses a cache line on nearly every group) expanded in registers.
   template <class V> static F expand(unsigned m, const V* p) { return _mm512_maskz_expand_ps(__mmask16(m), load16(p)); }
-  static __m256 half(unsigned m, const float* p) {
-    __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPermute[m].data()));
-    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
-    return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_srai_epi32(idx, 31)), w);
-  }
   static F expand(unsigned m, const float* p) {
     const unsigned lo = m & 0xFF;
-    const __m256 a = half(lo, p), b = half(m >> 8, p + popcount(lo));
+    const __m256 a = avx2::Ops::expand(lo, p), b = avx2::Ops::expand(m >> 8, p + popcount(lo));
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
   }
   static F broadcast(const float* p) { return _mm512_set1_ps(*p); }
