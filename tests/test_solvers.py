@@ -162,3 +162,78 @@ def test_inverse_cholesky_matches_a_float64_factorization(n):
     got = inverse_cholesky(M)
     assert torch.equal(got, torch.tril(got))
     assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+# ALPS (solvers/alps.py)
+
+def layer_error(W, W_hat, X):
+    """‖(W − Ŵ)Xᵀ‖², the layer's output error on the calibration inputs."""
+    return float(((W.double() - W_hat.double()) @ X.double().T).square().sum())
+
+
+@pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(), 0.9), (Pattern(2, 4), 0.5),
+                                              (Pattern(4, 8), 0.5)])
+def test_alps_beats_sparsegpt_on_correlated_inputs(pattern, sparsity):
+    g = torch.Generator().manual_seed(11)
+    W, X = torch.randn(96, 64, generator=g), realistic_inputs()
+    alps, sparsegpt = (layer_error(W, solve(m, W, X, sparsity, pattern), X) for m in ("alps", "sparsegpt"))
+    assert alps < 0.9 * sparsegpt, (alps, sparsegpt)
+
+
+def test_alps_budget_is_per_layer_and_exact():
+    g = torch.Generator().manual_seed(12)
+    W, X = torch.randn(40, 48, generator=g), realistic_inputs(512, 48)
+    out = solve("alps", W, X, 0.7, Pattern())
+    assert int((out == 0).sum()) == int(0.7 * 40 * 48)
+    per_row = (out == 0).sum(1)
+    assert per_row.min() < per_row.max()  # the budget is the layer's, not each row's
+
+
+def test_alps_refit_is_the_least_squares_optimum_on_its_support():
+    """After ADMM, the kept weights minimise ‖X(Ŵ − W)‖² + λ‖Ŵ − W‖²_D on the support: checked against a direct
+    solve of each row's normal equations (λ·diag(H) is the dampening, in the solver's coordinates)."""
+    from llmprune.solvers.alps import ALPSSolver
+
+    g = torch.Generator().manual_seed(13)
+    X = realistic_inputs(512, 12)
+    W = torch.randn(6, 12, generator=g)
+    solver = ALPSSolver(12, torch.device("cpu"), refit_iters=50, refit_rtol=1e-7)
+    solver.add_batch(X)
+    out = solver.prune(W, 0.5, Pattern())
+    H = (X.double().T @ X.double())
+    H += solver.percdamp * torch.diagonal(H).mean() * torch.eye(12, dtype=torch.float64)
+    for i in range(6):
+        keep = out[i] != 0
+        # minimise (w − W)ᵀ H (w − W) over w with w = 0 off the support: H_SS w_S = (H W)_S
+        best = torch.linalg.solve(H[keep][:, keep], (H @ W[i].double())[keep])
+        torch.testing.assert_close(out[i, keep].double(), best, rtol=1e-4, atol=1e-5)
+
+
+def test_alps_is_deterministic_and_keeps_its_input():
+    g = torch.Generator().manual_seed(14)
+    W, X = torch.randn(32, 64, generator=g), realistic_inputs()
+    before = W.clone()
+    first, second = solve("alps", W, X, 0.6, Pattern()), solve("alps", W, X, 0.6, Pattern())
+    assert torch.equal(first, second) and torch.equal(W, before)
+
+
+def test_alps_shares_one_eigendecomposition_between_linears():
+    g = torch.Generator().manual_seed(15)
+    X = realistic_inputs(256, 32)
+    Wq, Wk = torch.randn(8, 32, generator=g), torch.randn(4, 32, generator=g)
+    shared = make_solver("alps", 32)
+    shared.add_batch(X)
+    q = shared.prune(Wq, 0.5, Pattern())
+    basis = shared._basis
+    k = shared.prune(Wk, 0.5, Pattern())
+    assert shared._basis is basis
+    assert torch.equal(q, solve("alps", Wq, X, 0.5, Pattern(), 1)) and torch.equal(k, solve("alps", Wk, X, 0.5, Pattern(), 1))
+
+
+def test_alps_without_data_is_magnitude_like_and_finite():
+    g = torch.Generator().manual_seed(16)
+    W = torch.randn(8, 16, generator=g)
+    solver = make_solver("alps", 16)
+    out = solver.prune(W, 0.5, Pattern(2, 4))
+    assert torch.isfinite(out).all() and pattern_holds(out, Pattern(2, 4))
+    assert torch.equal(out != 0, solve("magnitude", W, torch.zeros(0, 16), 0.5, Pattern(2, 4)) != 0)

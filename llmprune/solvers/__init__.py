@@ -66,6 +66,7 @@ SOLVERS: dict[str, str] = {
     "magnitude": "llmprune.solvers.magnitude:MagnitudeSolver",
     "wanda": "llmprune.solvers.wanda:WandaSolver",
     "sparsegpt": "llmprune.solvers.sparsegpt:SparseGPTSolver",
+    "alps": "llmprune.solvers.alps:ALPSSolver",
 }
 
 
