@@ -17,6 +17,8 @@ Examples:
 
   llmprune prune smollm2 --method wanda --sparsity 0.7 --allocation owl --refine dsnot --out m70
 
+  llmprune prune smollm2 --method alps --sparsity 0.7 --out m70   # ADMM: the lowest perplexity at 70%
+
   llmprune prune smollm2 --recipe owl-dsnot-70 --calib wikitext2-valid --out m70   # a shipped recipe, one field changed
 
   llmprune prune ./model.gguf --method magnitude --pattern 4:8 --ignore 'mlp\\.down_proj' --out m48
@@ -35,7 +37,7 @@ def prune(
     model: Optional[str] = typer.Argument(None, help="Hub id, local model directory, .gguf file, or 'smollm2' (default: the bundled SmolLM2-135M-Instruct)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (written only when complete)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe file, or the name of a shipped one (sparsegpt-2of4, owl-dsnot-70, ...). Flags below override its fields."),
-    method: Optional[str] = typer.Option(None, help="magnitude, wanda, sparsegpt or alps (ADMM, best at 60%+ and 2:4; ~2x sparsegpt's time). [default: sparsegpt]"),
+    method: Optional[str] = typer.Option(None, help="magnitude, wanda, sparsegpt or alps (ADMM: better at 60%+ and 2:4, in about twice SparseGPT's time). [default: sparsegpt]"),
     sparsity: Optional[float] = typer.Option(None, help="Fraction of weights to prune, in [0, 1). Default 0.5; N:M patterns imply 1 - N/M."),
     pattern: Optional[str] = typer.Option(None, help="'unstructured' or N:M (at most N non-zeros in every M consecutive inputs), e.g. 2:4, 4:8. [default: unstructured]"),
     allocation: Optional[str] = typer.Option(None, help="uniform (every linear at --sparsity) or owl (per-block sparsity from outlier ratios, within ±λ, same overall sparsity; unstructured only). [default: uniform]"),

@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra flags for llmprune prune, e.g. '--two-pass'")
     ap.add_argument("--reference", help="folder holding the DSnoT repository's lib/ (enables the reference runs)")
     ap.add_argument("--harness", default=str(Path(__file__).resolve().parents[1].parent / "shared/anchors/reference_harness.py"))
+    ap.add_argument("--alps-code", metavar="ALPS_ROOT", help="a checkout of github mazumder-lab/ALPS: alps runs get "
+                    "their reference from its alps.py inside the reference loop (../shared/anchors/alps_harness.py; "
+                    "needs --reference too)")
     ap.add_argument("--grid", help="the high-sparsity table: comma-separated methods, e.g. wanda,sparsegpt; runs each at "
                     "50/60/70%% × {uniform, owl} × {none, dsnot} (replaces --runs)")
     ap.add_argument("--ref-dsnot-every-linear", action="store_true",
@@ -162,9 +165,15 @@ def main() -> None:
                 row["dsnot_rows_refined"] = sum(r["rows_refined"] for r in refined) / sum(r["rows"] for r in refined)
         if args.reference and schedule != "two-pass" and row["allocation"] == "uniform" and seed == 0:
             ref_method = "dense" if method == "dense" else ("dsnot" if row["refine"] == "dsnot" else method)
-            cmd = [sys.executable, args.harness, args.reference, ref_method, pattern if pattern != "-" else "unstructured",
+            harness = [args.harness]
+            if method == "alps":  # ALPS's own solver standing where the reference loop builds its SparseGPT
+                if not args.alps_code:
+                    raise SystemExit("alps runs compare with ALPS's own code: pass --alps-code ALPS_ROOT")
+                harness = [str(Path(args.harness).with_name("alps_harness.py")), args.alps_code]
+                ref_method = "sparsegpt"
+            cmd = [sys.executable, *harness, args.reference, ref_method, pattern if pattern != "-" else "unstructured",
                    "--model", hf_dir, "--calib-file", str(calib), "--eval-file", str(held_out), "--sparsity", str(sparsity),
-                   "--ns", str(args.nsamples), "--seq", str(args.seqlen), "--ne", str(args.neval), "--init", method,
+                   "--ns", str(args.nsamples), "--seq", str(args.seqlen), "--ne", str(args.neval), "--init", method if method != "alps" else "sparsegpt",
                    *(["--skip-layer", "no_skip"] if args.ref_dsnot_every_linear else [])]
             _, rss, out = run_measured(cmd)
             ref = json.loads(out.strip().splitlines()[-1])

@@ -40,6 +40,7 @@ def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
     ("sparsegpt", ["--pattern", "2:4", "--refine", "dsnot"], True),  # the same, DSnoT's reports summed over ranks
     ("sparsegpt", ["--sparsity", "0.5"], True),  # rows shared, each column block's mask chosen over all ranks' rows
     ("sparsegpt", ["--sparsity", "0.5", "--two-pass"], False),  # whole solves round-robin
+    ("alps", ["--sparsity", "0.6"], False),  # one penalty schedule per layer: whole solves round-robin; H in fp64
 ])
 def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra, rows_shared):
     model = str(sharded_model(tmp_path / "m"))
@@ -62,7 +63,7 @@ def test_two_gloo_processes_equal_one(tmp_path, text_file, method, extra, rows_s
         assert torch.equal(a[key] == 0, b[key] == 0), f"{key}: masks differ"
         if method == "wanda":
             assert torch.equal(a[key], b[key]), key
-        else:  # SparseGPT's Hessian is summed in another order: values may differ in the last bits
+        else:  # the Hessian is summed in another order: values may differ in the last bits
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 

@@ -60,7 +60,7 @@ def routers_of(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method,pattern", [("sparsegpt", "2:4"), ("wanda", "unstructured")])
+@pytest.mark.parametrize("method,pattern", [("sparsegpt", "2:4"), ("wanda", "unstructured"), ("alps", "unstructured")])
 def test_every_expert_is_pruned_and_routers_stay_dense(family, method, pattern, text_file, tmp_path, moe_dir):
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,8 @@ from llmprune.errors import LlmpruneError
 from llmprune.recipe import Recipe, load_recipe, shipped_recipes
 
 runner = CliRunner()
-SHIPPED = ["sparsegpt-2of4", "wanda-unstructured-50", "sparsegpt-4of8", "owl-wanda-70", "owl-dsnot-70"]
+SHIPPED = ["sparsegpt-2of4", "wanda-unstructured-50", "sparsegpt-4of8", "owl-wanda-70", "owl-dsnot-70", "alps-unstructured-70",
+           "alps-2of4", "owl-alps-70"]
 
 
 def run(*args):

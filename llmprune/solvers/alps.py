@@ -53,7 +53,11 @@ class ALPSSolver(Solver):
 
     def __init__(self, columns: int, device: torch.device, percdamp: float = PERCDAMP, rho0: float = RHO0,
                  max_iters: int = MAX_ITERS, refit_iters: int = REFIT_ITERS, refit_rtol: float = REFIT_RTOL):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in], upper block triangle
+        # [in, in], upper block triangle: each batch's fp32 product is summed in fp64, where adding them is exact in
+        # practice, so H (and so the masks: ADMM's projections amplify the last bits of H) does not depend on how
+        # the batches were grouped, e.g. over torch.distributed ranks
+        self.H = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self._batch: Tensor | None = None
         self._row_block = max(128, -(-columns // 4 // 64) * 64)
         self.tokens = 0
         self.percdamp, self.rho0, self.max_iters = percdamp, rho0, max_iters
@@ -63,13 +67,18 @@ class ALPSSolver(Solver):
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        add_upper_(self.H, x, self._row_block)
+        if self._batch is None:
+            self._batch = torch.zeros(self.H.shape, dtype=torch.float32, device=self.H.device)
+        else:
+            self._batch.zero_()
+        add_upper_(self._batch, x, self._row_block)
+        self.H += self._batch
         self.tokens += x.shape[0]
         self._basis = None
 
     @property
     def hessian(self) -> Tensor:
-        return self.H
+        return self.H.float()
 
     def reduce_(self, sum_) -> None:
         sum_(self.H)
@@ -82,7 +91,8 @@ class ALPSSolver(Solver):
     def _normalized(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(Ĥ, d, eigenvalues, eigenvectors): Ĥ = D⁻¹(H + λI)D⁻¹ with d = √diag(H + λI)."""
         if self._basis is None:
-            H = symmetric(self.H)
+            self._batch = None
+            H = symmetric(self.H).float()
             mean = torch.diagonal(H).mean()
             damp = self.percdamp * mean if mean > 0 else torch.ones((), device=H.device)  # only zero inputs: Ĥ = I
             H.diagonal().add_(damp)
