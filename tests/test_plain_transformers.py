@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,36 @@ def install(target: Path, *requirements: str, deps: bool) -> Path:
     return target
 
 
+def newest_installable(*names: str) -> list[str]:
+    """name==version for the newest releases pip would install beside this environment's torch: a release whose own
+    requirements the registry cannot meet (transformers 5.25.0 needs kernels >= 0.19.1, which it lacks here) is not
+    what a user gets, and installed without them it cannot load any model at all."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--upgrade", "--report",
+                               str(report), *names], capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            pytest.skip(f"pip could not resolve {' '.join(names)}: {done.stderr.strip().splitlines()[-1:]}")
+        chosen = {row["metadata"]["name"].lower(): row["metadata"]["version"] for row in json.loads(report.read_text())["install"]}
+    for name in names:
+        if name.lower() not in chosen:
+            try:
+                chosen[name.lower()] = version(name)  # already the newest installable here
+            except PackageNotFoundError:
+                pytest.skip(f"pip resolved nothing for {name}")
+    return [f"{name}=={v}" for name, v in chosen.items()]
+
+
 @pytest.fixture(scope="module")
 def current_env(tmp_path_factory):
-    """The newest transformers and compressed-tensors on the registry (their other needs from this environment)."""
+    """The newest transformers and compressed-tensors a user can install (their other needs from this environment)."""
     given = os.environ.get("LLMPRUNE_PLAIN_ENV_DIR")
-    return install(Path(given) if given else tmp_path_factory.mktemp("current"), "transformers", "compressed-tensors",
-                   "loguru", deps=False)
+    target = Path(given) if given else tmp_path_factory.mktemp("current")
+    if (target / "transformers").is_dir():
+        return target
+    return install(target, *newest_installable("transformers", "compressed-tensors", "loguru"), deps=False)
 
 
 @pytest.fixture(scope="module")
