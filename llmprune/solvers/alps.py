@@ -30,9 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.masks import Pattern, lowest_k, prune_count, select_mask
+from llmprune.masks import Pattern, lowest_k, prune_count
+from llmprune.solvers.magnitude import MagnitudeSolver
 from llmprune.solvers import Solver
-from llmprune.solvers.sparsegpt import PERCDAMP, add_upper_, symmetric
+from llmprune.solvers.sparsegpt import PERCDAMP, add_upper_, row_block, symmetric
 
 RHO0 = 0.1  # initial penalty (authors' code)
 MAX_ITERS = 300  # ADMM iterations at most (authors' code)
@@ -58,12 +59,12 @@ class ALPSSolver(Solver):
         # the batches were grouped, e.g. over torch.distributed ranks
         self.H = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self._batch: Tensor | None = None
-        self._row_block = max(128, -(-columns // 4 // 64) * 64)
+        self._row_block = row_block(columns)
         self.tokens = 0
         self.percdamp, self.rho0, self.max_iters = percdamp, rho0, max_iters
         self.refit_iters, self.refit_rtol = refit_iters, refit_rtol
         self._basis: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        self.last: dict | None = None  # what the last solve did: iterations, final ρ, seconds per stage
+        self.last: dict | None = None  # what the last solve did: ADMM iterations and the final ρ
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
@@ -106,7 +107,7 @@ class ALPSSolver(Solver):
         if sparsity == 0 and not pattern.structured:
             return W.clone()
         if self.tokens == 0:  # no inputs seen: nothing to reconstruct, the magnitude mask
-            return W.masked_fill(select_mask(W.abs().float(), sparsity, pattern, per_row=False), 0)
+            return MagnitudeSolver().prune(W, sparsity, pattern)
         Hn, d, evals, evecs = self._normalized()
         B0 = (W.float() * d).T.contiguous()  # [in, out]
         G = Hn @ B0

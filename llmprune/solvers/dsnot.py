@@ -21,7 +21,7 @@ from torch import Tensor
 
 from llmprune.solvers import Solver
 from llmprune.masks import Pattern
-from llmprune.solvers.sparsegpt import add_upper_, symmetric
+from llmprune.solvers.sparsegpt import add_upper_, row_block, symmetric
 
 CYCLES = 50  # paper default
 THRESHOLD = 0.1  # paper default, in units of the row's output shift summed over one window
@@ -55,7 +55,7 @@ class DSnoTStats:
         self._hessian_from = hessian_from  # a solver whose .hessian is the upper block triangle of Σ x xᵀ
         self._H_even = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # upper block triangles
         self._H_odd = None if hessian_from is not None else torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self._row_block = max(128, -(-columns // 4 // 64) * 64)
+        self._row_block = row_block(columns)
 
     def add_batch(self, x: Tensor, squares: Tensor | None = None) -> None:
         """x: [..., seqlen, in] (or [seqlen, in]); squares: x.float().square(), where the caller has it already."""
