@@ -46,6 +46,7 @@ def prune(
     refine: Optional[str] = typer.Option(None, help="none, or dsnot: prune-and-grow on each linear's mask; a row is kept refined only where its output error drops. [default: none]"),
     dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: most swap cycles per linear. [default: 50]"),
     dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected output shift is below this. [default: 0.1]"),
+    alps_budget: Optional[str] = typer.Option(None, "--alps-budget", help="ALPS, unstructured: layer (keep the layer's largest weights, as ALPS) or row (every output row equally sparse, as Wanda and SparseGPT). [default: layer]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: c4, wikitext2 (Hub), wikitext2-valid (bundled, offline), PATH.txt or PATH.jsonl. [default: c4]"),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped at the model's max positions). [default: 2048]"),
@@ -81,7 +82,7 @@ def prune(
 
     given = {"method": method, "sparsity": sparsity, "pattern": pattern, "allocation": allocation, "owl_m": owl_m,
              "owl_lambda": owl_lambda, "refine": refine, "dsnot_cycles": dsnot_cycles, "dsnot_threshold": dsnot_threshold,
-             "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
+             "alps_budget": alps_budget, "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
              "targets": tuple(target) if target else None, "ignore": tuple(ignore) if ignore else None}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = load_recipe(recipe).override(**given) if recipe else Recipe.create(**given)

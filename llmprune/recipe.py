@@ -14,6 +14,7 @@ from llmprune.solvers import SOLVERS
 RECIPE_VERSION = 1
 ALLOCATIONS = ("uniform", "owl")
 REFINERS = ("none", "dsnot")
+ALPS_BUDGETS = ("layer", "row")
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -32,6 +33,7 @@ class Recipe:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
     dsnot_same_sign: bool = True  # a row stops once a swap would flip the sign of its output shift
+    alps_budget: str = "layer"  # ALPS unstructured: the kept weights are the largest of the layer, or (row) of each row
     targets: tuple[str, ...] = ()  # regexes on full linear names to prune (empty: every linear of every block)
     ignore: tuple[str, ...] = ()  # regexes on full linear names left dense
     overrides: tuple[tuple[str, float], ...] = ()  # (regex, sparsity): the first match sets a linear's sparsity
@@ -57,6 +59,10 @@ class Recipe:
         check_sparsity(float(self.sparsity), pattern)
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("refine", self.refine, REFINERS)
+        _choice("alps_budget", self.alps_budget, ALPS_BUDGETS)
+        if self.alps_budget != "layer" and self.method != "alps":
+            raise LlmpruneError(f"alps_budget: {self.alps_budget} applies to --method alps only (method is {self.method}); "
+                                "drop it or use --method alps.")
         if self.allocation == "owl" and pattern.structured:
             raise LlmpruneError(f"allocation: owl gives each block its own sparsity, which pattern {pattern} fixes at "
                                 f"{1 - pattern.n / pattern.m:g}; use --pattern unstructured or --allocation uniform.")
@@ -109,6 +115,11 @@ class Recipe:
         from llmprune.solvers.dsnot import DSnoTConfig
 
         return DSnoTConfig(cycles=self.dsnot_cycles, threshold=self.dsnot_threshold, same_sign=self.dsnot_same_sign)
+
+    @property
+    def solver_options(self) -> dict:
+        """Keyword arguments of the method's solver beyond its input width and device."""
+        return {"budget": self.alps_budget} if self.method == "alps" else {}
 
     def sparsity_override(self, name: str) -> float | None:
         for regex, value in self.overrides:

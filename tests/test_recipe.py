@@ -64,6 +64,8 @@ def test_cli_flags_override_recipe_fields():
     ("method: [1\n", ["not valid YAML"]),
     ("- a\n- b\n", ["a recipe is a mapping"]),
     ("dsnot_cycles: 0\n", ["dsnot_cycles must be at least 1"]),
+    ("method: alps\nalps_budget: rows\n", ["alps_budget: unknown value 'rows'", "layer"]),
+    ("method: wanda\nalps_budget: row\n", ["alps_budget: row applies to --method alps only"]),
     ("version: 9\n", ["recipe version 9"]),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, fragments):
@@ -139,3 +141,13 @@ def test_targets_and_overrides_reach_the_linears(model_dir, text_file, tmp_path)
 def test_owl_with_nm_from_the_cli_is_an_error(model_dir, tmp_path):
     result = run("prune", model_dir, "--pattern", "2:4", "--allocation", "owl", "--out", tmp_path / "o")
     assert result.exit_code == 2 and "allocation: owl" in result.stderr
+
+
+def test_alps_row_budget_from_the_cli_reaches_every_linear(model_dir, text_file, tmp_path):
+    result = run("prune", model_dir, "--method", "alps", "--sparsity", "0.6", "--alps-budget", "row", "--calib",
+                 text_file, "--nsamples", "4", "--seqlen", "32", "--out", tmp_path / "o", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert load_recipe(tmp_path / "o" / "recipe.yaml").alps_budget == "row"
+    for name, pruned in masks_of(tmp_path / "o").items():
+        per_row = pruned.sum(1)
+        assert (per_row == int(0.6 * pruned.shape[1])).all(), name

@@ -189,6 +189,22 @@ def test_alps_budget_is_per_layer_and_exact():
     assert per_row.min() < per_row.max()  # the budget is the layer's, not each row's
 
 
+def test_alps_row_budget_prunes_every_row_alike_and_still_beats_sparsegpt():
+    from llmprune.solvers.alps import ALPSSolver
+
+    g = torch.Generator().manual_seed(12)
+    W, X = torch.randn(40, 48, generator=g), realistic_inputs(512, 48)
+    solver = ALPSSolver(48, torch.device("cpu"), budget="row")
+    solver.add_batch(X)
+    out = solver.prune(W, 0.7, Pattern())
+    assert ((out == 0).sum(1) == int(0.7 * 48)).all()
+    layer = solve("alps", W, X, 0.7, Pattern())
+    assert not torch.equal(out != 0, layer != 0)
+    assert layer_error(W, out, X) < 0.9 * layer_error(W, solve("sparsegpt", W, X, 0.7, Pattern()), X)
+    with pytest.raises(ValueError, match="budget"):
+        ALPSSolver(48, torch.device("cpu"), budget="block")
+
+
 def test_alps_refit_is_the_least_squares_optimum_on_its_support():
     """After ADMM, the kept weights minimise ‖X(Ŵ − W)‖² + λ‖Ŵ − W‖²_D on the support: checked against a direct
     solve of each row's normal equations (λ·diag(H) is the dampening, in the solver's coordinates)."""

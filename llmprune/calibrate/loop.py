@@ -126,7 +126,7 @@ def _prune_without_data(block: nn.Module, index: int, prefix: str, plan: Plan, d
 
     def solve(name, module):
         started = time.perf_counter()
-        W_new = make_solver(recipe.method, in_features(module), plan.device).prune(
+        W_new = make_solver(recipe.method, in_features(module), plan.device, options=recipe.solver_options).prune(
             get_weight(module), plan.sparsity_of(index, name), recipe.parsed_pattern)
         return [W_new], time.perf_counter() - started
 
@@ -145,7 +145,7 @@ def _prune_block(block: nn.Module, index: int, prefix: str, cache: ActivationCac
     predicted = {dotted + leader: [dotted + n for n in names] for leader, names in shared.items()}
     pruner = BlockPruner(find_linears(block, prefix, recipe.ignore, recipe.targets, experts=True), recipe.method,
                          lambda name: plan.sparsity_of(index, name), recipe.parsed_pattern, plan.device, predicted,
-                         recipe.dsnot, dist, first_window)
+                         recipe.dsnot, dist, first_window, recipe.solver_options)
     if plan.sequential:
         for k, out in enumerate(run_lockstep(block, index, cache, pruner)):
             cache.update(k, out)

@@ -51,9 +51,9 @@ class BlockPruner:
 
     def __init__(self, linears: dict[str, nn.Module], method: str, sparsity_of: Callable[[str], float], pattern: Pattern,
                  device, predicted: dict[str, list[str]] | None = None, refine=None, dist: Dist = SINGLE,
-                 first_window: int = 0):
+                 first_window: int = 0, solver_options: dict | None = None):
         self.linears = linears
-        self.refine = refine
+        self.refine, self.solver_options = refine, solver_options or {}
         self.method, self.sparsity_of, self.pattern, self.device = method, sparsity_of, pattern, device
         self.dist, self.first_window = dist, first_window
         self.predicted = predicted or {}  # leader name -> the other linears expected to share its input
@@ -68,6 +68,9 @@ class BlockPruner:
         self.pruned: set[str] = set()
         self.results: list[LinearResult] = []
 
+    def _new_solver(self, columns: int) -> Solver:
+        return make_solver(self.method, columns, self.device, self.refine, self.first_window, self.solver_options)
+
     def observe(self, name: str, x: Tensor, own: bool = False) -> None:
         """Show linear `name` an input batch; own=True gives it a solver of its own (an expert's routed tokens)."""
         if name in self.pruned:
@@ -77,9 +80,9 @@ class BlockPruner:
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.storage_offset(), x._version, x.dtype)
             shared = None if own else self._by_input.get(key)
             if own:
-                group = (make_solver(self.method, x.shape[-1], self.device, self.refine, self.first_window), name)
+                group = (self._new_solver(x.shape[-1]), name)
             elif shared is None:
-                solver = make_solver(self.method, x.shape[-1], self.device, self.refine, self.first_window)
+                solver = self._new_solver(x.shape[-1])
                 self._by_input[key] = (solver, name, x)  # holding x keeps its address from being reused
                 group = (solver, name)
             else:

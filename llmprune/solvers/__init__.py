@@ -80,10 +80,12 @@ def solver_class(method: str) -> type[Solver]:
     return getattr(importlib.import_module(module), name)
 
 
-def make_solver(method: str, columns: int, device: torch.device | str = "cpu", refine=None, first_window: int = 0) -> Solver:
+def make_solver(method: str, columns: int, device: torch.device | str = "cpu", refine=None, first_window: int = 0,
+                options: dict | None = None) -> Solver:
     """A fresh solver for a linear (or group of linears) with `columns` inputs; `refine` (a DSnoTConfig)
-    puts DSnoT after it. first_window: the index of the first calibration window this process will show it."""
-    solver = solver_class(method)(columns, torch.device(device))
+    puts DSnoT after it. first_window: the index of the first calibration window this process will show it.
+    options: the solver's own settings (Recipe.solver_options)."""
+    solver = solver_class(method)(columns, torch.device(device), **(options or {}))
     if refine is not None:
         from llmprune.solvers.dsnot import RefinedSolver
 

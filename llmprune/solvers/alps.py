@@ -49,11 +49,15 @@ class ALPSSolver(Solver):
     """Accumulates H = Σ x xᵀ (upper block triangle, fp32, as SparseGPT); the dampened, normalized Ĥ and its
     eigendecomposition are computed once and shared by every linear that reads the same input.
 
-    The budget is per layer (as ALPS): the kept weights are the largest over the whole matrix, so rows are
-    coupled (and the penalty schedule is one per layer): solves go whole to a rank, never split by rows."""
+    budget (unstructured): "layer" (ALPS's) keeps the largest weights over the whole matrix; "row" keeps each output
+    row's share, the budget of Wanda and SparseGPT (every row equally sparse). The penalty schedule is one per layer
+    either way, which couples the rows: solves go whole to a rank, never split by rows."""
 
     def __init__(self, columns: int, device: torch.device, percdamp: float = PERCDAMP, rho0: float = RHO0,
-                 max_iters: int = MAX_ITERS, refit_iters: int = REFIT_ITERS, refit_rtol: float = REFIT_RTOL):
+                 max_iters: int = MAX_ITERS, refit_iters: int = REFIT_ITERS, refit_rtol: float = REFIT_RTOL,
+                 budget: str = "layer"):
+        if budget not in ("layer", "row"):
+            raise ValueError(f"budget must be 'layer' or 'row'; got {budget!r}")
         # [in, in], upper block triangle: each batch's fp32 product is summed in fp64, where adding them is exact in
         # practice, so H (and so the masks: ADMM's projections amplify the last bits of H) does not depend on how
         # the batches were grouped, e.g. over torch.distributed ranks
@@ -62,7 +66,7 @@ class ALPSSolver(Solver):
         self._row_block = row_block(columns)
         self.tokens = 0
         self.percdamp, self.rho0, self.max_iters = percdamp, rho0, max_iters
-        self.refit_iters, self.refit_rtol = refit_iters, refit_rtol
+        self.refit_iters, self.refit_rtol, self.budget = refit_iters, refit_rtol, budget
         self._basis: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.last: dict | None = None  # what the last solve did: ADMM iterations and the final ρ
 
@@ -111,7 +115,7 @@ class ALPSSolver(Solver):
         Hn, d, evals, evecs = self._normalized()
         B0 = (W.float() * d).T.contiguous()  # [in, out]
         G = Hn @ B0
-        keep = _projector(B0.shape, sparsity, pattern)
+        keep = _projector(B0.shape, sparsity, pattern, self.budget)
         B, iters, rho = admm(Hn, G, B0, evals, evecs, keep, self.rho0, self.max_iters)
         support = keep(B)
         B.mul_(support)
@@ -120,8 +124,9 @@ class ALPSSolver(Solver):
         return (B / d.unsqueeze(1)).T.to(W.dtype).contiguous()
 
 
-def _projector(shape: tuple[int, int], sparsity: float, pattern: Pattern):
-    """keep(Z) -> the float mask (1 kept, 0 pruned) of the budget's largest |Z|, Z: [in, out]."""
+def _projector(shape: tuple[int, int], sparsity: float, pattern: Pattern, budget: str = "layer"):
+    """keep(Z) -> the float mask (1 kept, 0 pruned) of the budget's largest |Z|, Z: [in, out]; budget "layer" or
+    "row" (per output row, a column of Z) for unstructured sparsity."""
     cols, rows = shape
     if pattern.structured:
         n, m = pattern.n, pattern.m
@@ -139,6 +144,12 @@ def _projector(shape: tuple[int, int], sparsity: float, pattern: Pattern):
                     if i != j:
                         rank[:, i] += groups[:, j] > groups[:, i] if j > i else groups[:, j] >= groups[:, i]
             return (rank < n).to(Z.dtype).view(cols, rows)
+        return keep
+    if budget == "row":
+        pruned = prune_count(cols, sparsity)
+
+        def keep(Z: Tensor) -> Tensor:  # lowest_k ranks along the last dimension: each output row of W
+            return (~lowest_k(Z.T.square(), pruned)).T.to(Z.dtype)
         return keep
     pruned = prune_count(cols * rows, sparsity)
 
