@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from llmprune.masks import Pattern, lowest_k
+from llmprune.quant import ColumnQuantizer
 from llmprune.solvers import Solver
 
 BLOCKSIZE = 128  # columns per lazy-update block (paper default)
@@ -126,20 +127,29 @@ class SparseGPTSolver(Solver):
         """
         return self._prune_stacked(weights, sparsities, pattern, select)
 
-    def _prune_stacked(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None) -> list[Tensor]:
-        if all(s == 0 for s in sparsities) and not pattern.structured and select is None:
+    def quantize_many(self, weights: list[Tensor], masks: list[Tensor], scheme) -> list:
+        """GPTQ keeping a mask: round each weight to the scheme's grid (quant.py) column by column, spreading each
+        column's rounding error over the columns not yet reached through this solver's inverse Hessian factor;
+        where masks (bool, True = pruned, one per weight) are set the weight is 0 instead, its error spread the
+        same way, so the zeros stay zeros. Returns a quant.Quantized per weight."""
+        if any(M.shape != W.shape for W, M in zip(weights, masks)):
+            raise ValueError("every mask must be shaped like its weight")
+        return self._prune_stacked(weights, [0.0] * len(weights), Pattern(), None, scheme, masks)
+
+    def _prune_stacked(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None,
+                       scheme=None, masks=None) -> list:
+        if scheme is None and all(s == 0 for s in sparsities) and not pattern.structured and select is None:
             return [W.clone() for W in weights]
         U, dead = self._inverse_factor()  # U: [in, in], upper
-        # [in, out...]: a column of the weights is a contiguous row here
-        WT = torch.cat([W.float().T for W in weights], dim=1) if len(weights) > 1 else weights[0].float().T.contiguous()
+        WT, bounds = _stack(weights)  # [in, out...]: a column of the weights is a contiguous row here
         WT[dead] = 0
         cols = WT.shape[0]
-        bounds = [0]
-        for W in weights:
-            bounds.append(bounds[-1] + W.shape[0])
+        fixed = None if masks is None else _stack(masks)[0].bool()
+        quantizer = None if scheme is None else ColumnQuantizer(scheme, cols, WT.shape[1], WT.device)
         m = pattern.m
         bs = max(self.blocksize // m, 1) * m if pattern.structured else self.blocksize
         sub = max(SUBBLOCK // m, 1) * m if pattern.structured else SUBBLOCK
+        choose_groups = pattern.structured
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             b = i2 - i1
@@ -147,34 +157,60 @@ class SparseGPTSolver(Solver):
             U1 = U[i1:i2, i1:i2]
             d1 = torch.diagonal(U1).unsqueeze(1)  # [b, 1]
             # scale = mask / d (zero where kept): the error of column i is W1[i] * scale[i]
-            if pattern.structured:
+            if choose_groups:
                 scale = torch.zeros_like(W1)
                 inv_d1 = 1.0 / d1
             else:
-                mask = (select or select_block)(W1.square() / d1.square(), bounds, sparsities, i1, i2)
+                mask = fixed[i1:i2] if fixed is not None else (select or select_block)(W1.square() / d1.square(), bounds,
+                                                                                          sparsities, i1, i2)
                 scale = mask / d1
             Err1 = torch.empty_like(W1)
+            if quantizer is not None:  # ŵ of the block's columns, and the error of rounding (or pruning) each
+                Q1 = torch.empty_like(W1)
+                inv_d1 = 1.0 / d1
+                keep = (scale == 0).float()
             # Each column's error is spread over the rest of its sub-block with one rank-1 update, and
             # over the rest of the block with one matrix product per sub-block. Row i is final once
             # reached, so the zeros are written after the loop.
             for j1 in range(0, b, sub):
                 j2 = min(j1 + sub, b)
                 for i in range(j1, j2):
-                    if pattern.structured and i % m == 0:
+                    if choose_groups and i % m == 0:
                         # N:M: the group's mask is chosen from its weights as updated so far
                         g = slice(i, i + m)
                         scores = (W1[g] * inv_d1[g]).square_()
                         order = torch.topk(scores, m - pattern.n, dim=0, largest=False).indices
                         scale[g].scatter_(0, order, 1.0).mul_(inv_d1[g])
-                    torch.mul(W1[i], scale[i], out=Err1[i])
+                    if quantizer is None:
+                        torch.mul(W1[i], scale[i], out=Err1[i])
+                    else:
+                        if (i1 + i) % quantizer.g == 0:
+                            quantizer.start_group(WT, i1 + i)
+                        quantizer.round_(W1[i], keep[i], Q1[i])
+                        torch.sub(W1[i], Q1[i], out=Err1[i]).mul_(inv_d1[i])
                     if i + 1 < j2:
                         W1[i + 1 : j2].addr_(U1[i, i + 1 : j2], Err1[i], alpha=-1)
                 if j2 < b:
                     W1[j2:].addmm_(U1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
-            W1.masked_fill_(scale != 0, 0)
+            if quantizer is None:
+                W1.masked_fill_(scale != 0, 0)
+            else:
+                W1.copy_(Q1)
             if i2 < cols:
                 WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
-        return [WT[:, r1:r2].T.to(W.dtype).contiguous() for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
+        if quantizer is None:
+            return [WT[:, r1:r2].T.to(W.dtype).contiguous() for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
+        return [quantizer.result(WT[:, r1:r2].T, r1, r2, W.dtype) for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
+
+
+def _stack(weights: list[Tensor]) -> tuple[Tensor, list[int]]:
+    """The weights' transposes side by side ([in, Σ out], a column of every weight one contiguous row) and the
+    row bounds of each."""
+    WT = torch.cat([W.float().T for W in weights], dim=1) if len(weights) > 1 else weights[0].float().T.contiguous()
+    bounds = [0]
+    for W in weights:
+        bounds.append(bounds[-1] + W.shape[0])
+    return WT, bounds
 
 
 def select_block(scores: Tensor, bounds: list[int], sparsities: list[float], i1: int, i2: int) -> Tensor:
