@@ -19,6 +19,10 @@ Examples:
 
   llmprune prune smollm2 --method alps --sparsity 0.7 --out m70   # ADMM: the lowest perplexity at 70%
 
+  llmprune prune smollm2 --method sparsegpt --pattern 2:4 --quantize w4a16 --out m24q4   # 2:4 + int4, GPTQ keeping the zeros
+
+  llmprune prune smollm2 --quantize w8a16 --group-size 0 --sparsity 0 --out mq8   # GPTQ alone, one scale per row
+
   llmprune prune smollm2 --recipe owl-dsnot-70 --calib wikitext2-valid --out m70   # a shipped recipe, one field changed
 
   llmprune prune ./model.gguf --method magnitude --pattern 4:8 --ignore 'mlp\\.down_proj' --out m48
@@ -47,6 +51,9 @@ def prune(
     dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: most swap cycles per linear. [default: 50]"),
     dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected output shift is below this. [default: 0.1]"),
     alps_budget: Optional[str] = typer.Option(None, "--alps-budget", help="ALPS, unstructured: layer (keep the layer's largest weights, as ALPS) or row (every output row equally sparse, as Wanda and SparseGPT). [default: layer]"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none, w4a16 or w8a16: round the pruned weights to int4/int8 (16-bit activations) by GPTQ from the same statistics, keeping every zero; saved in compressed-tensors' pack-quantized format, which plain transformers and vLLM load. --sparsity 0 for GPTQ alone. [default: none]"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization: inputs sharing one scale; 0 for one scale per output row. [default: 128]"),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Quantization: zero point 0, or one zero point per group. [default: symmetric]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: c4, wikitext2 (Hub), wikitext2-valid (bundled, offline), PATH.txt or PATH.jsonl. [default: c4]"),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped at the model's max positions). [default: 2048]"),
@@ -82,7 +89,8 @@ def prune(
 
     given = {"method": method, "sparsity": sparsity, "pattern": pattern, "allocation": allocation, "owl_m": owl_m,
              "owl_lambda": owl_lambda, "refine": refine, "dsnot_cycles": dsnot_cycles, "dsnot_threshold": dsnot_threshold,
-             "alps_budget": alps_budget, "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
+             "alps_budget": alps_budget, "quantize": quantize, "group_size": group_size, "symmetric": symmetric,
+             "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
              "targets": tuple(target) if target else None, "ignore": tuple(ignore) if ignore else None}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = load_recipe(recipe).override(**given) if recipe else Recipe.create(**given)

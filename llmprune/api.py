@@ -18,7 +18,6 @@ from llmprune.errors import LlmpruneError
 from llmprune.partial import PartialRun, partial_path
 from llmprune.recipe import RECIPE_FILE, Recipe
 from llmprune.shards import ShardSource
-from llmprune.solvers import needs_data
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
     timings["load_s"] = time.perf_counter() - started
     seqlen, capped = plan_.capped_seqlen(recipe.seqlen, model)
     windows = None
-    if needs_data(recipe.method, recipe.dsnot) or recipe.allocation == "owl":
+    if recipe.needs_data or recipe.allocation == "owl":
         if tokenizer is None:
             raise LlmpruneError(f"this recipe ({recipe.method}, {recipe.allocation}, refine {recipe.refine}) needs calibration text, "
                                 "so pass the model's tokenizer too.")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from llmprune import checkpoint, formats
@@ -22,6 +23,7 @@ from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
 from llmprune.models import find_blocks
 from llmprune.plan import CHECKPOINT_SECONDS
+from llmprune.quant import SCALE, ZERO, quantized_modules
 from llmprune.shards import ShardSource
 
 log = logging.getLogger(__name__)
@@ -122,9 +124,13 @@ class PartialRun(BlockStore):
 
         prefix = f"{self.blocks_name}.{index}."
         try:
-            state = load_file(str(self._block_file(index)))
-            block.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+            state = {k[len(prefix):]: v for k, v in load_file(str(self._block_file(index))).items()}
+            for name in quantized_modules(state):  # a quantized linear's scales: buffers the fresh block lacks
+                module = block.get_submodule(name)
+                for key in (SCALE, ZERO):
+                    module.register_buffer(key, torch.empty_like(state[f"{name}.{key}"]), persistent=True)
+            block.load_state_dict(state, strict=True)
+        except (SafetensorError, OSError, RuntimeError, AttributeError, KeyError) as exc:
             raise self._corrupt(f"block {index}: {str(exc).splitlines()[0]}") from None
 
     def _read_inputs(self) -> "_SavedInputs":

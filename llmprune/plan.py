@@ -22,7 +22,6 @@ from llmprune import models
 from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
 from llmprune.recipe import Recipe
-from llmprune.solvers import needs_data
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class Plan:
 
     @property
     def needs_data(self) -> bool:
-        return needs_data(self.recipe.method, self.recipe.dsnot)
+        return self.recipe.needs_data
 
     def sparsity_of(self, block: int, name: str) -> float:
         """The sparsity of linear `name` (full name) of block `block`: an override, else the block's allocation,

@@ -6,11 +6,14 @@ A scheme is `bits` (4 or 8), `group_size` (inputs sharing one scale per output r
 to exactly the weights computed here:
 
     q = clamp(round(w / scale) + zero_point, qmin, qmax),  ŵ = (q − zero_point) · scale,  qmin = −2^(b−1), qmax = 2^(b−1) − 1
-    symmetric:  scale = max|w| / (2^b / 2),            zero_point = 0
-    asymmetric: scale = (max w − min w) / (2^b − 1),    zero_point = clamp(qmin − round(min w / scale), qmin, qmax)
+    symmetric:  scale = max|w| / ((qmax − qmin) / 2),   zero_point = 0          (4 bits: max|w| / 7.5)
+    asymmetric: scale = (max w − min w) / (qmax − qmin), zero_point = round(clamp(qmin − min w / scale, qmin, qmax))
 
 with min and max taken over the group and always spanning 0, so a pruned weight (0) is exactly representable:
-q = zero_point gives ŵ = 0 whatever the scale, and the sparsity survives quantization bit for bit.
+q = zero_point gives ŵ = 0 whatever the scale, and the sparsity survives quantization bit for bit. The scale is
+rounded to the model's dtype before use, since that is what the checkpoint stores: ŵ = (q − zero_point)·scale is
+then exact in fp32 (a code times a bf16/fp16 scale) and rounds to the model's dtype as compressed-tensors'
+dequantization (computed in that dtype) rounds it, so the model in memory and the model loaded agree bit for bit.
 
 GPTQ (Frantar et al. 2023, arXiv:2210.17323) rounds the columns of W left to right and spreads each column's
 rounding error over the columns not yet rounded through the upper Cholesky factor of H⁻¹, as SparseGPT spreads
@@ -76,6 +79,10 @@ class QuantScheme:
     def name(self) -> str:
         return f"w{self.bits}a16"
 
+    def describe(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per channel"
+        return f"{self.name} {group} {'symmetric' if self.symmetric else 'asymmetric'}"
+
     def groups(self, columns: int) -> int:
         """Scales per output row of a weight with `columns` inputs."""
         return 1 if self.group_size == 0 else -(-columns // self.group_size)
@@ -101,18 +108,20 @@ def parse_scheme(text: str, group_size: int = DEFAULT_GROUP_SIZE, symmetric: boo
     return QuantScheme(int(match.group(1)), group_size, symmetric)
 
 
-def qparams(lo: Tensor, hi: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
-    """(scale, zero_point) from the minimum and maximum of each group (any shape; zero_point as float)."""
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    levels = float(1 << scheme.bits)
+def qparams(lo: Tensor, hi: Tensor, scheme: QuantScheme, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point) from the minimum and maximum of each group (any shape), as compressed-tensors'
+    calculate_qparams computes them; the scale is rounded to `dtype` (the model's: what the checkpoint stores) and
+    returned as fp32, the zero point as fp32 holding integers."""
+    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
     if scheme.symmetric:
-        scale = torch.maximum(lo.abs(), hi) / (levels / 2)
+        scale = torch.maximum(lo.abs(), hi) / ((scheme.qmax - scheme.qmin) / 2)
+    else:
+        scale = (hi - lo) / (scheme.qmax - scheme.qmin)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale).to(dtype).float()
+    if scheme.symmetric:
         zero = torch.zeros_like(scale)
     else:
-        scale = (hi - lo) / (levels - 1)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: any scale, 1 as theirs
-    if not scheme.symmetric:
-        zero = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax)
+        zero = torch.round((scheme.qmin - lo / scale).clamp(scheme.qmin, scheme.qmax))
     return scale, zero
 
 
@@ -121,7 +130,7 @@ def weight_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
     out, cols = W.shape
     g = scheme.group_size or cols
     grouped = W.float().reshape(out, cols // g, g)
-    return qparams(grouped.amin(-1), grouped.amax(-1), scheme)
+    return qparams(grouped.amin(-1), grouped.amax(-1), scheme, W.dtype)
 
 
 def quantize(W: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
@@ -148,8 +157,8 @@ class ColumnQuantizer:
     the error of those before (GPTQ's `static_groups=False`, its default). Pruned positions, given as a float mask
     (1 kept), round to 0."""
 
-    def __init__(self, scheme: QuantScheme, columns: int, rows: int, device):
-        self.scheme = scheme
+    def __init__(self, scheme: QuantScheme, columns: int, rows: int, device, dtype: torch.dtype = torch.float32):
+        self.scheme, self.dtype = scheme, dtype
         self.g = scheme.group_size or columns
         groups = -(-columns // self.g)
         self.scale = torch.empty(rows, groups, device=device)
@@ -159,7 +168,7 @@ class ColumnQuantizer:
     def start_group(self, WT: Tensor, i: int) -> None:
         """Choose the scales of the group whose first column is i from WT's rows i : i + group."""
         block = WT[i : i + self.g]
-        s, z = qparams(block.amin(0), block.amax(0), self.scheme)
+        s, z = qparams(block.amin(0), block.amax(0), self.scheme, self.dtype)
         k = i // self.g
         self.scale[:, k], self.zero[:, k] = s, z
         self._s, self._z = s, z
@@ -175,3 +184,118 @@ class ColumnQuantizer:
         out.round_().add_(self._z).clamp_(self.scheme.qmin, self.scheme.qmax).sub_(self._z).mul_(self._s)
         if keep is not None:
             out.mul_(keep)
+
+
+SCALE, ZERO = "weight_scale", "weight_zero_point"  # compressed-tensors' names for a linear's quantization parameters
+
+
+def attach_quantization_(module: torch.nn.Module, quantized: Quantized) -> None:
+    """Keep a linear's scales and zero points on it as buffers (fp32, [out, groups]), so that its state dict (what a
+    partial run saves, what the writer packs) carries them; its weight already holds ŵ."""
+    for name, value in ((SCALE, quantized.scale), (ZERO, quantized.zero)):
+        module.register_buffer(name, value.to(module.weight.device), persistent=True)
+
+
+def quantized_modules(state_keys) -> set[str]:
+    """Names of the linears whose quantization parameters appear among these state-dict keys."""
+    return {k[: -len(SCALE) - 1] for k in state_keys if k.endswith("." + SCALE)}
+
+
+# compressed-tensors' pack-quantized layout (what transformers with compressed-tensors >= 0.15 and vLLM read): for a
+# linear P with weight [out, in], P.weight_packed int32 [out, ceil(in · bits / 32)] holds the codes offset by 2^(b−1)
+# (unsigned), 32 / bits per word along the inputs, the first in the lowest bits; P.weight_scale [out, groups] in the
+# model's dtype; P.weight_shape int64 [2]; asymmetric only, P.weight_zero_point int32 [ceil(out · bits / 32), groups],
+# the zero points packed the same way along the outputs. Read from compressed-tensors 0.20.1's pack_to_int32 and
+# checked against checkpoints it wrote (decoded bit for bit).
+PACK_FORMAT = "pack-quantized"
+PACKED, SHAPE = "weight_packed", "weight_shape"
+
+
+def pack_int32(codes: Tensor, bits: int, dim: int = -1) -> Tensor:
+    """Signed codes (any integer dtype) packed into int32 words along `dim`, lowest bits first."""
+    moved = codes.movedim(dim, -1).to(torch.int64) + (1 << (bits - 1))
+    per = 32 // bits
+    pad = -moved.shape[-1] % per
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
+    words = (moved.reshape(*moved.shape[:-1], -1, per) << shifts).sum(-1)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # the same 32 bits, as a signed int32
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def unpack_int32(words: Tensor, bits: int, size: int, dim: int = -1) -> Tensor:
+    """The signed codes (int16) of pack_int32, `size` of them along `dim`."""
+    moved = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64, device=words.device) * bits
+    values = (moved.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    values = values.reshape(*moved.shape[:-1], -1)[..., :size] - (1 << (bits - 1))
+    return values.to(torch.int16).movedim(-1, dim).contiguous()
+
+
+def pack_quantized(W: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> dict[str, Tensor]:
+    """The pack-quantized tensors of a linear whose weight W (model dtype) is on the grid of scale/zero
+    ([out, groups]); the suffixes after P. as keys."""
+    codes = quantize(W, scale, zero, scheme)
+    if not torch.equal(dequantize(codes, scale, zero, W.dtype), W):
+        raise ValueError("the weight is not on its quantization grid")
+    parts = {PACKED: pack_int32(codes, scheme.bits), SCALE: scale.to(W.dtype).contiguous(),
+             SHAPE: torch.tensor(list(W.shape), dtype=torch.int64)}
+    if not scheme.symmetric:
+        parts[ZERO] = pack_int32(zero.to(torch.int16), scheme.bits, dim=0)
+    return parts
+
+
+def unpack_quantized(parts: dict[str, Tensor], scheme: QuantScheme, name: str = "weight") -> Tensor:
+    """The dense weight (the scale's dtype) of a linear's pack-quantized tensors."""
+    try:
+        rows, cols = (int(v) for v in parts[SHAPE].tolist())
+        codes = unpack_int32(parts[PACKED], scheme.bits, cols)
+        scale = parts[SCALE]
+        zero = (unpack_int32(parts[ZERO], scheme.bits, rows, dim=0).float() if not scheme.symmetric
+                else torch.zeros(scale.shape))
+        if codes.shape != (rows, cols) or scale.shape != zero.shape or scale.shape[0] != rows or cols % scale.shape[1]:
+            raise ValueError(f"shapes {tuple(codes.shape)}, scale {tuple(scale.shape)}, zero point {tuple(zero.shape)}")
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise LlmpruneError(f"{name}: its pack-quantized tensors do not fit together ({exc}); the checkpoint is damaged "
+                            "or not written by a compressed-tensors writer.") from None
+    return dequantize(codes, scale.float(), zero, scale.dtype)
+
+
+def compressed_tensors_config(scheme: QuantScheme, *, ignore: list[str], global_sparsity: float, structure: str) -> dict:
+    """config.json's quantization_config for a pack-quantized checkpoint, as compressed-tensors 0.20 writes it.
+    The sparsity lives on as zeros in the values; `sparsity_config` says so in compressed-tensors' own words
+    (format dense: its readers take it as information). Asymmetric checkpoints carry `dequantize: true`, since
+    transformers 5.24 cannot build their packed zero points when it keeps the weights compressed (it then expands
+    them to dense weights at load)."""
+    weights = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric, "dynamic": False,
+               "strategy": "group" if scheme.group_size else "channel", "group_size": scheme.group_size or None}
+    config = {
+        "quant_method": "compressed-tensors", "format": PACK_FORMAT, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": PACK_FORMAT}},
+        "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": {"format": "dense", "global_sparsity": global_sparsity, "sparsity_structure": structure,
+                            "targets": ["Linear"], "ignore": ignore},
+        "producer": "llmprune",
+    }
+    if not scheme.symmetric:
+        config["dequantize"] = True
+    return config
+
+
+def scheme_of(config: dict) -> QuantScheme:
+    """The scheme a pack-quantized quantization_config describes; an error naming what llmprune reads otherwise."""
+    groups = config.get("config_groups") or {}
+    weights = [g.get("weights") or {} for g in groups.values()]
+    if len(weights) != 1 or config.get("format") not in (PACK_FORMAT, None) or any(
+            g.get("input_activations") for g in groups.values()):
+        raise LlmpruneError("llmprune reads compressed-tensors checkpoints with one pack-quantized weight scheme and "
+                            "16-bit activations (W4A16, W8A16); this one is not that; load it with transformers.")
+    w = weights[0]
+    strategy = w.get("strategy")
+    if w.get("type", "int") != "int" or strategy not in ("group", "channel") or w.get("num_bits") not in (4, 8):
+        raise LlmpruneError(f"unsupported quantization {w}: llmprune reads int4/int8 weights, group or channel strategy.")
+    return QuantScheme(int(w["num_bits"]), int(w.get("group_size") or 0) if strategy == "group" else 0,
+                       bool(w.get("symmetric", True)))

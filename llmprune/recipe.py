@@ -9,7 +9,8 @@ from pathlib import Path
 
 from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern, check_sparsity, parse_pattern
-from llmprune.solvers import SOLVERS
+from llmprune.quant import SCHEMES, parse_scheme
+from llmprune.solvers import SOLVERS, needs_data
 
 RECIPE_VERSION = 1
 ALLOCATIONS = ("uniform", "owl")
@@ -34,6 +35,9 @@ class Recipe:
     dsnot_threshold: float = 0.1
     dsnot_same_sign: bool = True  # a row stops once a swap would flip the sign of its output shift
     alps_budget: str = "layer"  # ALPS unstructured: the kept weights are the largest of the layer, or (row) of each row
+    quantize: str = "none"  # or w4a16, w8a16: the pruned weights rounded to int4/int8 by GPTQ keeping the mask
+    group_size: int = 128  # quantization: inputs sharing one scale (0: one scale per output row)
+    symmetric: bool = True  # quantization: zero point 0 (else a zero point per group)
     targets: tuple[str, ...] = ()  # regexes on full linear names to prune (empty: every linear of every block)
     ignore: tuple[str, ...] = ()  # regexes on full linear names left dense
     overrides: tuple[tuple[str, float], ...] = ()  # (regex, sparsity): the first match sets a linear's sparsity
@@ -74,6 +78,9 @@ class Recipe:
             raise LlmpruneError(f"dsnot_cycles must be at least 1; got {self.dsnot_cycles!r} (the paper uses 50).")
         if self.dsnot_threshold < 0:
             raise LlmpruneError(f"dsnot_threshold must be non-negative; got {self.dsnot_threshold!r} (the paper uses 0.1).")
+        _choice("quantize", self.quantize, ("none", *SCHEMES))
+        if self.group_size < 0:
+            raise LlmpruneError(f"group_size must be positive, or 0 for one scale per output row; got {self.group_size!r}.")
         for name in ("nsamples", "seqlen"):
             if getattr(self, name) < 1:
                 raise LlmpruneError(f"{name} must be a positive integer; got {getattr(self, name)!r}.")
@@ -115,6 +122,16 @@ class Recipe:
         from llmprune.solvers.dsnot import DSnoTConfig
 
         return DSnoTConfig(cycles=self.dsnot_cycles, threshold=self.dsnot_threshold, same_sign=self.dsnot_same_sign)
+
+    @property
+    def quant_scheme(self):
+        """The quantization scheme (quant.QuantScheme), or None without quantization."""
+        return parse_scheme(self.quantize, self.group_size, self.symmetric)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the run needs calibration inputs (GPTQ does, after any method)."""
+        return needs_data(self.method, self.dsnot) or self.quantize != "none"
 
     @property
     def solver_options(self) -> dict:

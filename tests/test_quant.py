@@ -21,12 +21,12 @@ def sparsegpt_on(X, columns):
 
 
 def test_the_grid_by_hand():
-    """4-bit symmetric: scale = max|w| / 8, codes in [-8, 7] (the largest positive value clips to 7 · scale);
-    asymmetric: scale = (max - min) / 15, zero point = -8 - round(min / scale)."""
-    W = torch.tensor([[-1.0, 0.5, 0.25, 0.8]])
+    """4-bit symmetric: scale = max|w| / 7.5, codes in [-8, 7] (+max|w| clips to 7, -max|w| rounds to -8);
+    asymmetric: scale = (max - min) / 15, zero point = round(-8 - min / scale)."""
+    W = torch.tensor([[-0.75, 0.5, 0.25, 0.8]])
     scale, zero = weight_qparams(W, QuantScheme(4, 0, True))
-    assert scale.item() == 1.0 / 8 and zero.item() == 0
-    assert quantize(W, scale, zero, QuantScheme(4, 0, True)).tolist() == [[-8, 4, 2, 6]]
+    assert scale.item() == pytest.approx(0.8 / 7.5) and zero.item() == 0
+    assert quantize(W, scale, zero, QuantScheme(4, 0, True)).tolist() == [[-7, 5, 2, 7]]
     W = torch.tensor([[0.3, 1.5, 0.6, 0.9]])  # all positive: the range still spans 0
     scale, zero = weight_qparams(W, QuantScheme(4, 0, False))
     assert scale.item() == pytest.approx(0.1) and zero.item() == -8

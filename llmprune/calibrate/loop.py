@@ -145,7 +145,7 @@ def _prune_block(block: nn.Module, index: int, prefix: str, cache: ActivationCac
     predicted = {dotted + leader: [dotted + n for n in names] for leader, names in shared.items()}
     pruner = BlockPruner(find_linears(block, prefix, recipe.ignore, recipe.targets, experts=True), recipe.method,
                          lambda name: plan.sparsity_of(index, name), recipe.parsed_pattern, plan.device, predicted,
-                         recipe.dsnot, dist, first_window, recipe.solver_options)
+                         recipe.dsnot, dist, first_window, recipe.solver_options, recipe.quant_scheme)
     if plan.sequential:
         for k, out in enumerate(run_lockstep(block, index, cache, pruner)):
             cache.update(k, out)

@@ -15,7 +15,10 @@ from llmprune.calibrate.sharing import distribute, rows_shareable, solve_rows
 from llmprune.distributed import SINGLE, Dist
 from llmprune.masks import Pattern
 from llmprune.models import ExpertProjection, expert_hidden, get_weight, in_features, routing, set_weight_
+from llmprune.errors import LlmpruneError
+from llmprune.quant import attach_quantization_
 from llmprune.solvers import Solver, make_solver
+from llmprune.solvers.sparsegpt import SparseGPTSolver
 
 FALLBACK = "magnitude"  # for experts that saw fewer calibration tokens than their input width
 
@@ -31,6 +34,7 @@ class LinearResult:
     refine: dict | None = None  # what DSnoT changed: rows refined, swaps, output error before and after
     tokens: int | None = None  # calibration tokens routed to this expert projection (experts only)
     fallback: str | None = None  # the method used instead, for an expert that saw too few tokens
+    quantized: str | None = None  # the scheme GPTQ rounded it to, e.g. w4a16 g128 symmetric
 
 
 def apply(name: str, module: nn.Module, W_new: Tensor, target: float, seconds: float, leader: str | None) -> LinearResult:
@@ -51,9 +55,20 @@ class BlockPruner:
 
     def __init__(self, linears: dict[str, nn.Module], method: str, sparsity_of: Callable[[str], float], pattern: Pattern,
                  device, predicted: dict[str, list[str]] | None = None, refine=None, dist: Dist = SINGLE,
-                 first_window: int = 0, solver_options: dict | None = None):
+                 first_window: int = 0, solver_options: dict | None = None, quantize=None):
         self.linears = linears
         self.refine, self.solver_options = refine, solver_options or {}
+        self.scheme = quantize  # a quant.QuantScheme: every pruned weight then rounded by GPTQ, keeping its zeros
+        if quantize is not None:
+            for name, module in linears.items():
+                if isinstance(module, ExpertProjection):
+                    raise LlmpruneError(f"{name}: quantizing fused MoE experts is not supported yet; leave them out "
+                                        "with --ignore, or prune without --quantize.")
+                if not isinstance(module, nn.Linear):
+                    raise LlmpruneError(f"{name} is a {type(module).__name__}, not an nn.Linear, which the pack-quantized "
+                                        "format stores; leave it out with --ignore, or prune without --quantize.")
+                quantize.check(name, in_features(module))
+        self._rounders: dict[int, SparseGPTSolver] = {}  # solver id -> GPTQ's statistics, where the solver keeps none
         self.method, self.sparsity_of, self.pattern, self.device = method, sparsity_of, pattern, device
         self.dist, self.first_window = dist, first_window
         self.predicted = predicted or {}  # leader name -> the other linears expected to share its input
@@ -69,7 +84,14 @@ class BlockPruner:
         self.results: list[LinearResult] = []
 
     def _new_solver(self, columns: int) -> Solver:
-        return make_solver(self.method, columns, self.device, self.refine, self.first_window, self.solver_options)
+        solver = make_solver(self.method, columns, self.device, self.refine, self.first_window, self.solver_options)
+        if self.scheme is not None and solver.gptq() is None:
+            self._rounders[id(solver)] = SparseGPTSolver(columns, torch.device(self.device))
+        return solver
+
+    def _rounder(self, solver: Solver) -> SparseGPTSolver:
+        """The statistics GPTQ rounds a solver's weights with: its own, or those gathered beside it."""
+        return self._rounders.get(id(solver)) or solver.gptq()
 
     def observe(self, name: str, x: Tensor, own: bool = False) -> None:
         """Show linear `name` an input batch; own=True gives it a solver of its own (an expert's routed tokens)."""
@@ -94,6 +116,8 @@ class BlockPruner:
             self.tokens[name] = self.tokens.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
         if leader == name and x.numel():
             solver.add_batch(x)
+            if id(solver) in self._rounders:
+                self._rounders[id(solver)].add_batch(x)
 
     def shared_groups(self) -> dict[str, list[str]]:
         """Leader -> the other linears that read the same input, as observed."""
@@ -126,6 +150,8 @@ class BlockPruner:
         for _, solver, _ in plans:
             if id(solver) not in self._reduced:
                 solver.reduce_(self.dist.sum_)
+                if id(solver) in self._rounders:
+                    self._rounders[id(solver)].reduce_(self.dist.sum_)
                 self._reduced.add(id(solver))
         self._fallbacks(plans)
         weights = [[get_weight(self.linears[m]) for m in members] for _, _, members in plans]
@@ -192,7 +218,15 @@ class BlockPruner:
         return W_new, (time.perf_counter() - started, refined)
 
     def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None) -> None:
+        quantized = None
+        if self.scheme is not None:  # every rank rounds every weight (deterministic: the same on each)
+            started = time.perf_counter()
+            quantized = self._rounder(self.groups[name][0]).quantize_many([W_new], [W_new == 0], self.scheme)[0]
+            W_new, seconds = quantized.weight, seconds + time.perf_counter() - started
         result = apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)
+        if quantized is not None:
+            attach_quantization_(self.linears[name], quantized)
+            result.quantized = self.scheme.describe()
         result.refine = refine
         result.tokens, result.fallback = self.tokens.get(name), self.fallback.get(name)
         self.results.append(result)

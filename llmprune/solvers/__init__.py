@@ -28,6 +28,8 @@ class Solver:
     ranks that each hold some rows (prune_many's `select`).
     takes_squares: whether add_batch() accepts x² that a caller computed anyway (DSnoT beside Wanda).
     hessian: Σ x xᵀ (upper block triangle) where the solver keeps it, for DSnoT to borrow; None otherwise.
+    gptq(): the SparseGPT statistics that GPTQ rounds this solver's weights with (quant.py), where the solver keeps
+    them; None otherwise (the caller then gathers its own).
     """
 
     needs_data: ClassVar[bool] = True
@@ -55,6 +57,10 @@ class Solver:
         if select is not None:
             raise ValueError(f"{type(self).__name__} chooses no mask across rows; it takes no select")
         return [self.prune(W, s, pattern) for W, s in zip(weights, sparsities)]
+
+    def gptq(self):
+        """A SparseGPTSolver over this solver's Σ x xᵀ, for GPTQ to round with; None where it keeps none."""
+        return None
 
     def take_reports(self, count: int) -> list[dict | None]:
         """What a refinement changed in the last `count` weights pruned (DSnoT), in order; None where nothing does."""

@@ -33,7 +33,7 @@ from torch import Tensor
 from llmprune.masks import Pattern, lowest_k, prune_count
 from llmprune.solvers.magnitude import MagnitudeSolver
 from llmprune.solvers import Solver
-from llmprune.solvers.sparsegpt import PERCDAMP, add_upper_, row_block, symmetric
+from llmprune.solvers.sparsegpt import PERCDAMP, SparseGPTSolver, add_upper_, row_block, symmetric
 
 RHO0 = 0.1  # initial penalty (authors' code)
 MAX_ITERS = 300  # ADMM iterations at most (authors' code)
@@ -69,6 +69,7 @@ class ALPSSolver(Solver):
         self.refit_iters, self.refit_rtol, self.budget = refit_iters, refit_rtol, budget
         self._basis: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.last: dict | None = None  # what the last solve did: ADMM iterations and the final ρ
+        self._gptq = None
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
@@ -88,7 +89,12 @@ class ALPSSolver(Solver):
     def reduce_(self, sum_) -> None:
         sum_(self.H)
         self.tokens = int(sum_(torch.tensor([self.tokens], device=self.H.device)).item())
-        self._basis = None
+        self._basis = self._gptq = None
+
+    def gptq(self) -> SparseGPTSolver:
+        if self._gptq is None or self._gptq.tokens != self.tokens:
+            self._gptq = SparseGPTSolver.from_hessian(self.hessian, self.tokens)
+        return self._gptq
 
     def row_separable(self, pattern: Pattern) -> bool:
         return False  # one penalty schedule (and, unstructured, one budget) per layer

@@ -246,6 +246,9 @@ class RefinedSolver(Solver):
     def prune_many(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None) -> list[Tensor]:
         return self._refine(weights, self.base.prune_many(weights, sparsities, pattern, select=select), pattern)
 
+    def gptq(self):
+        return self.base.gptq()
+
     def take_reports(self, count: int) -> list[dict | None]:
         taken, self.reports = self.reports[:count], self.reports[count:]
         return taken + [None] * (count - len(taken))

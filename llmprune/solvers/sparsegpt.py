@@ -84,9 +84,19 @@ class SparseGPTSolver(Solver):
         self.tokens += x.shape[0]
         self._factor = None
 
+    @classmethod
+    def from_hessian(cls, H: Tensor, tokens: int) -> "SparseGPTSolver":
+        """A solver over statistics gathered elsewhere (H = Σ x xᵀ, at least its upper block triangle, fp32)."""
+        solver = cls(0, H.device)
+        solver.H, solver.tokens, solver._row_block = H, tokens, row_block(H.shape[0])
+        return solver
+
     @property
     def hessian(self) -> Tensor:
         return self.H
+
+    def gptq(self) -> "SparseGPTSolver":
+        return self  # one inverse factor for pruning and rounding
 
     def row_separable(self, pattern: Pattern) -> bool:
         return pattern.structured
@@ -145,7 +155,7 @@ class SparseGPTSolver(Solver):
         WT[dead] = 0
         cols = WT.shape[0]
         fixed = None if masks is None else _stack(masks)[0].bool()
-        quantizer = None if scheme is None else ColumnQuantizer(scheme, cols, WT.shape[1], WT.device)
+        quantizer = None if scheme is None else ColumnQuantizer(scheme, cols, WT.shape[1], WT.device, weights[0].dtype)
         m = pattern.m
         bs = max(self.blocksize // m, 1) * m if pattern.structured else self.blocksize
         sub = max(SUBBLOCK // m, 1) * m if pattern.structured else SUBBLOCK
