@@ -86,7 +86,7 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
         recipe = Recipe.create(**fields_)
     elif fields_:
         raise TypeError(f"pass either recipe= or recipe fields, not both: {sorted(fields_)}")
-    checkpoint.check_format(options.format, warn=True)
+    checkpoint.check_format(options.format, warn=recipe.quantize == "none")
     if out is None and (options.resume or options.stream):
         raise LlmpruneError(f"{'--resume' if options.resume else '--stream'} needs --out: the finished blocks are kept beside it.")
     compute = plan_.resolve_device(options.device)
@@ -97,7 +97,12 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
     dist.barrier()  # every rank has looked before rank 0 may create OUT.partial
 
     timings = {}
+    if recipe.quantize != "none" and options.stream:
+        raise LlmpruneError("--quantize with --stream is not supported yet: the model must fit in memory; drop --stream.")
     model, tokenizer, source, shards = _load(model_or_path, tokenizer, options, dist)
+    if recipe.quantize != "none" and shards is not None:
+        raise LlmpruneError("this model would be streamed (it takes over half the free memory), which --quantize does not "
+                            "support yet; pass --no-stream to load it whole.")
     timings["load_s"] = time.perf_counter() - started
     seqlen, capped = plan_.capped_seqlen(recipe.seqlen, model)
     windows = None
@@ -200,7 +205,7 @@ def _save(model, tokenizer, out_dir: Path, report: dict, run, recipe: Recipe, op
                              overwrite=options.overwrite)
             else:
                 checkpoint.save(model, tokenizer, out_dir, report=report, fmt=options.format, overwrite=options.overwrite,
-                                pruned=pruned, files=files)
+                                pruned=pruned, files=files, scheme=recipe.quant_scheme)
         except KeyboardInterrupt:
             if run.saved_blocks == 0:
                 run.remove()

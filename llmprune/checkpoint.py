@@ -72,12 +72,21 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
 
 
 def save(model, tokenizer, out: str | os.PathLike, *, report: dict, fmt: str = "compressed",
-         pruned: set[str] | None = None, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+         pruned: set[str] | None = None, overwrite: bool = False, files: dict[str, str] | None = None,
+         scheme=None) -> Path:
     """Write the model to `out`: dense (zeros where pruned) or compressed (pruned = names of the pruned linears,
     module paths or expert projections `EXPERTS.PARAM.E`, stored in a sparse layout: see OUTPUT_FORMATS), plus text
-    `files` by name. Atomic."""
+    `files` by name. A model quantized with `scheme` (its linears holding quant.SCALE buffers) is written in
+    compressed-tensors' pack-quantized layout unless fmt is dense (then its dequantized weights). Atomic."""
     check_format(fmt)
     out = Path(out).expanduser()
+    if scheme is not None:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            written = save_quantized(model, tmp, scheme, dense=fmt == "dense",
+                                     structure=(report.get("recipe") or {}).get("pattern", "unstructured"))
+            finish_directory(tmp, tokenizer=tokenizer, report=report, fmt="dense", pruned=set(), files=files,
+                             written=written)
+        return out
     with atomic_directory(out, overwrite=overwrite) as tmp:
         modules = dict(model.named_modules())
         experts = set(pruned or ()) - modules.keys()
@@ -117,23 +126,23 @@ def fused_experts(names: set[str], tensor_of: Callable[[str], Tensor],
 
 
 def finish_directory(tmp: Path, *, tokenizer, report: dict, fmt: str, pruned: set[str], files: dict[str, str] | None,
-                     also=None, fused=None, layout: str | None = None, model=None) -> None:
+                     also=None, fused=None, layout: str | None = None, model=None, written: dict | None = None) -> None:
     """Complete a directory that holds the dense shards and config.json: compress the pruned linears' weights
     (`P.weight` for P in pruned, as saved; `also` and `fused` as compress_directory takes them) unless fmt is dense, then the
     tokenizer, text `files` and llmprune.json. With `model`, the directory is empty yet and the model is written
-    straight in the sparse layout (save_compressed_directly)."""
+    straight in the sparse layout (save_compressed_directly). `written`: the weights are already written in a
+    compressed layout (save_quantized's account of them)."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     report["format"] = fmt
     report["layout"] = "dense"
-    written = None
-    if model is not None:  # the model in memory, its pruned linears plain modules: written compressed at once
+    if written is None and model is not None:  # the model in memory, its pruned linears plain modules: written compressed at once
         written = save_compressed_directly(model, tmp, pruned, layout, CONFIG_BLOCK[fmt])
-    elif fmt != "dense" and (pruned or also is not None or fused):
+    elif written is None and fmt != "dense" and (pruned or also is not None or fused):
         written = compress_directory(tmp, pruned, fmt=layout, also=also, fused=fused, block=CONFIG_BLOCK[fmt])
     if written is not None:
         report["format"] = written["format"]
-        report["layout"] = CONFIG_BLOCK[fmt]
+        report["layout"] = written.get("layout", CONFIG_BLOCK.get(fmt))
         sizes = written["linears"]
         report["sizes"] = {"linear_dense_bytes": sum(s["dense_bytes"] for s in sizes.values()),
                            "linear_stored_bytes": sum(s["stored_bytes"] for s in sizes.values())}
@@ -260,9 +269,10 @@ def read_layout(directory: str | Path) -> tuple[str, str] | None:
     if method != formats.COMPRESSED_TENSORS:
         return None
     if qc.get("config_groups"):
-        raise LlmpruneError(f"{directory} is quantized with compressed-tensors (config_groups in its config.json), which "
-                            "transformers with compressed-tensors loads; llmprune reads dense and sparse-only checkpoints "
-                            "(sparse-bitmask, sparse-24-bitmask).")
+        from llmprune import quant
+
+        quant.scheme_of(qc)  # one we read, or an error saying what is read
+        return formats.COMPRESSED_TENSORS, quant.PACK_FORMAT
     sc = qc.get("sparsity_config") or {}
     fmt = sc.get("format", formats.DENSE) if isinstance(sc, dict) and sc else formats.DENSE
     if fmt not in formats.FORMATS:
@@ -283,10 +293,16 @@ def read_format(directory: str | Path) -> str | None:
 def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
     """Every tensor of a checkpoint, with compressed weights decompressed to `PATH.weight` (or, for a fused
     parameter stored whole, to `PATH`)."""
+    from llmprune import quant
+
     files = weight_files(directory)
     if not files:
         raise LlmpruneError(f"{directory} holds no .safetensors weights; is it a model directory?")
     params = formats.PARAMS.get(fmt, ())
+    scheme = None
+    if fmt == quant.PACK_FORMAT:
+        scheme = quant.scheme_of(read_config(directory)["quantization_config"])
+        params = (quant.PACKED, quant.SCALE, quant.SHAPE, quant.ZERO)
     tensors: dict[str, Tensor] = {}
     for file in files:
         with TensorReader(file) as handle:
@@ -303,6 +319,9 @@ def read_state_dict(directory: str | Path, fmt: str) -> dict[str, Tensor]:
         else:
             out[key] = value
     for prefix, parts in groups.items():
+        if scheme is not None:
+            out[f"{prefix}.weight"] = quant.unpack_quantized(parts, scheme, prefix)
+            continue
         prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
         W = formats.decompress(fmt, parts, prefix)
         out[f"{prefix}.weight" if W.dim() == 2 else prefix] = W
@@ -458,6 +477,37 @@ def save_compressed_directly(model, directory: Path, pruned: set[str], fmt: str,
     _declare_layout(directory, fmt, block, sharded=len(files) > 1, global_sparsity=zeros / max(total, 1),
                     ignore=sorted(linears))
     return {"format": fmt, "linears": sizes}
+
+
+def save_quantized(model, directory: Path, scheme, *, dense: bool = False, structure: str = "unstructured") -> dict | None:
+    """Write a model whose quantized linears hold ŵ and their quant.SCALE / quant.ZERO buffers: in compressed-tensors'
+    pack-quantized layout (the scales in the model's dtype; returns what save_compressed_directly returns), or dense
+    (ŵ stored, the buffers left out; returns None)."""
+    from llmprune import quant
+
+    state = model.state_dict()
+    names = sorted(quant.quantized_modules(state))
+    sizes, zeros, total = {}, 0, 0
+    for name in names:
+        W = state.pop(f"{name}.weight").detach()
+        scale, zero = state.pop(f"{name}.{quant.SCALE}"), state.pop(f"{name}.{quant.ZERO}")
+        zeros, total = zeros + int((W == 0).sum()), total + W.numel()
+        if dense:
+            state[f"{name}.weight"] = W
+            continue
+        parts = quant.pack_quantized(W, scale, zero, scheme)
+        state.update({f"{name}.{part}": t for part, t in parts.items()})
+        sizes[name] = {"dense_bytes": W.numel() * W.element_size(), "stored_bytes": formats.stored_bytes(parts)}
+    model.save_pretrained(directory, state_dict=state, max_shard_size=SHARD_SIZE)
+    if dense:
+        return None
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = quant.compressed_tensors_config(
+        scheme, ignore=sorted(linears - set(names)), global_sparsity=zeros / max(total, 1), structure=structure)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"format": quant.PACK_FORMAT, "layout": formats.COMPRESSED_TENSORS, "linears": sizes}
 
 
 def load_compressed(directory: str | Path, fmt: str, *, dtype=None):

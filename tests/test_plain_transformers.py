@@ -128,6 +128,12 @@ def outputs(tmp_path_factory):
         "streamed": ("llama", "--pattern", "2:4", "--stream"),
         "moe": ("mixtral", "--pattern", "2:4"),
         "moe dense": ("mixtral", "--pattern", "2:4", "--format", "dense"),
+        # quantized (compressed-tensors' pack-quantized): W4A16 and W8A16, unpruned and 2:4
+        "w4": ("llama", "--quantize", "w4a16", "--group-size", "32", "--sparsity", "0"),
+        "w4 2:4": ("llama", "--quantize", "w4a16", "--group-size", "32", "--pattern", "2:4"),
+        "w8 asym": ("llama", "--quantize", "w8a16", "--group-size", "0", "--asymmetric", "--sparsity", "0"),
+        "bf16 w8 2:4": ("bf16", "--quantize", "w8a16", "--pattern", "2:4", "--group-size", "32"),
+        "bf16 w4 asym 2:4": ("bf16", "--quantize", "w4a16", "--pattern", "2:4", "--group-size", "16", "--asymmetric"),
     }
     return {kind: prune(sources[source], text, root / kind.replace(" ", "-").replace(":", "of"), *extra)
             for kind, (source, *extra) in kinds.items()}
@@ -140,6 +146,8 @@ def check(rows, outputs, kinds, *, loads: set[str]):
         if kind in loads:
             assert row["loaded"], (kind, row.get("error"))
             weights, logits = expected(outputs[kind])
+            if kind in QUANTIZED:  # transformers keeps weight_scale and weight_shape beside the decompressed weight
+                row["weights"] = {k: v for k, v in row["weights"].items() if k in weights}
             assert row["weights"] == weights, kind  # bit for bit
             torch.testing.assert_close(torch.tensor(row["logits"]), logits, rtol=1e-4, atol=1e-4)
         else:
@@ -149,12 +157,28 @@ def check(rows, outputs, kinds, *, loads: set[str]):
 
 
 KINDS = ["dense", "bitmask", "2:4", "bf16 2:4", "streamed", "moe", "moe dense"]
+QUANTIZED = ["w4", "w4 2:4", "w8 asym", "bf16 w8 2:4", "bf16 w4 asym 2:4"]
 
 
 def test_current_release_without_llmprune(current_env, outputs):
-    rows = plain_load(current_env, [outputs[k] for k in KINDS])
+    rows = plain_load(current_env, [outputs[k] for k in KINDS + QUANTIZED])
     assert rows and rows[0]["compressed_tensors"] is not None and rows[0]["llmprune"] is False
-    check(rows, outputs, KINDS, loads={"dense", "moe dense"})
+    check(rows, outputs, KINDS + QUANTIZED, loads={"dense", "moe dense", *QUANTIZED})
+
+
+def test_quantized_outputs_keep_their_zeros_and_scales(outputs):
+    """The pack-quantized checkpoints llmprune.load reads: the 2:4 pattern holds in the dequantized weights, and
+    every weight is on its grid (the codes read back give the weight)."""
+    from llmprune.checkpoint import read_config
+
+    for kind in QUANTIZED:
+        model, _ = llmprune.load(str(outputs[kind]))
+        qc = read_config(outputs[kind])["quantization_config"]
+        assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"], kind
+        W = model.model.layers[0].mlp.up_proj.weight
+        if "2:4" in kind:
+            assert ((W != 0).view(W.shape[0], -1, 4).sum(-1) <= 2).all(), kind
+            assert qc["sparsity_config"]["sparsity_structure"] == "2:4"
 
 
 def test_oldest_transformers_5_without_llmprune(oldest_env, outputs):
