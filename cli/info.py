@@ -69,6 +69,10 @@ def render(result: dict) -> None:
     console.print(f"linear layers: {_mib(s['linear_stored_bytes'])} MiB stored vs {_mib(s['linear_dense_bytes'])} MiB dense "
                   f"({s['linear_ratio']:.3f}×); whole directory {_mib(s['directory_bytes'])} MiB vs "
                   f"{_mib(s['directory_dense_bytes'])} MiB dense ({s['directory_ratio']:.3f}×); overall sparsity {result['sparsity']:.2%}")
+    q = result.get("quantization")
+    if q:
+        console.print(f"quantized {q['scheme']}, {q['linears']} linears: {q['bits_per_weight']:.2f} bits per weight (codes and "
+                      f"scales); their sparsity {q['sparsity_kept']:.2%} is kept as zero codes, stored like any other value")
     if pattern:
         if result["pattern_ok"]:
             console.print(f"pattern {pattern}: every group holds (checked on every pruned linear)")
@@ -78,7 +82,8 @@ def render(result: dict) -> None:
     if result.get("recipe"):
         r = result["recipe"]
         extras = "".join([f" · OWL (M={r.get('owl_m')}, λ={r.get('owl_lambda')})" if r.get("allocation") == "owl" else "",
-                          f" · DSnoT ({r.get('dsnot_cycles')} cycles)" if r.get("refine") == "dsnot" else ""])
+                          f" · DSnoT ({r.get('dsnot_cycles')} cycles)" if r.get("refine") == "dsnot" else "",
+                          f" · GPTQ {r.get('quantize')} g{r.get('group_size')}" if r.get("quantize", "none") != "none" else ""])
         console.print(f"recipe: {r.get('method')} · sparsity {r.get('sparsity')} · {r.get('pattern')}{extras} · calibration "
                       f"{r.get('nsamples')}×{r.get('seqlen')} of {r.get('calibration')} · seed {r.get('seed')}")
     experts = result.get("experts") or []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from llmprune import formats
+from llmprune import formats, quant
 from llmprune.checkpoint import read_config, read_layout, read_report
 from llmprune.errors import LlmpruneError
 from llmprune.files import TensorReader, check_writable, weight_files
@@ -20,6 +20,11 @@ def loads_with(directory: str | Path) -> str:
     layout = read_layout(directory)
     if layout is None:
         return "dense safetensors: loads anywhere (plain transformers, vLLM, llmprune)"
+    if layout[1] == quant.PACK_FORMAT:
+        scheme = quant.scheme_of(read_config(directory)["quantization_config"])
+        return (f"compressed-tensors' pack-quantized layout ({scheme.describe()}): loads with plain transformers and "
+                "compressed-tensors >= 0.15, vLLM and llmprune.load; pruned weights are stored as zero codes, so the "
+                "sparsity is real in the values but takes no less space than other weights")
     if layout[0] == formats.LLMPRUNE:
         return ("llmprune's compressed layout: loads with llmprune.load, or with transformers' from_pretrained after "
                 "`import llmprune`; plain transformers stops with an error naming llmprune. For tools without llmprune: "
@@ -49,6 +54,10 @@ def describe(directory: str | Path) -> dict:
     report = read_report(directory)
     pattern = _declared_pattern(report, directory)
     params = formats.PARAMS.get(fmt, ())
+    scheme = None
+    if fmt == quant.PACK_FORMAT:
+        scheme = quant.scheme_of(read_config(directory)["quantization_config"])
+        params = (quant.PACKED, quant.SCALE, quant.SHAPE, quant.ZERO)
 
     linears: dict[str, dict] = {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -65,9 +74,12 @@ def describe(directory: str | Path) -> dict:
                 else:
                     other_bytes += tensor.numel() * tensor.element_size()
     for prefix, parts in groups.items():
+        stored = formats.stored_bytes(parts)
+        if scheme is not None:
+            linears[prefix] = _entry(prefix, quant.unpack_quantized(parts, scheme, prefix), stored, pattern)
+            continue
         prefix = prefix[: -len(".weight")] if prefix.endswith(".weight") else prefix  # older "X.weight.bitmask" naming
         W = formats.decompress(fmt, parts, prefix)
-        stored = formats.stored_bytes(parts)
         if W.dim() == 2:
             linears[prefix] = _entry(prefix, W, stored, pattern)
             continue
@@ -102,12 +114,21 @@ def describe(directory: str | Path) -> dict:
             "directory_dense_bytes": files_bytes - stored_linear + dense_linear,
             "directory_ratio": files_bytes / (files_bytes - stored_linear + dense_linear),
         },
+        "quantization": None if scheme is None else _quantization(scheme, [linears[p] for p in groups]),
         "recipe": report.get("recipe"),
         "experts": [{k: r.get(k) for k in ("name", "tokens", "fallback", "sparsity")}
                     for r in report.get("linears", []) if r.get("tokens") is not None or r.get("fallback")],
         "versions": report.get("versions"),
         "eval": report.get("eval"),
     }
+
+
+def _quantization(scheme: quant.QuantScheme, rows: list[dict]) -> dict:
+    """Bits per weight and sparsity over the quantized linears."""
+    numel = sum(r["numel"] for r in rows)
+    return {"scheme": scheme.describe(), "linears": len(rows),
+            "bits_per_weight": 8 * sum(r["stored_bytes"] for r in rows) / numel,
+            "sparsity_kept": sum(r["zeros"] for r in rows) / numel}
 
 
 def _entry(name: str, W: torch.Tensor, stored: int, pattern: Pattern | None) -> dict:

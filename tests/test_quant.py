@@ -101,3 +101,99 @@ def test_schemes_parse_and_explain_their_mistakes():
             parse_scheme(text)
     with pytest.raises(LlmpruneError, match="not a multiple of the group size 128.*e.g. 96"):
         QuantScheme(4, 128).check("model.layers.0.mlp.down_proj", 576)
+
+
+# ---- in the pruning loop, end to end ----------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+import llmprune  # noqa: E402
+from llmprune import api  # noqa: E402
+from llmprune.cli.app import app  # noqa: E402
+from llmprune.masks import pattern_holds  # noqa: E402
+
+runner = CliRunner()
+
+
+def prune_cli(source, text_file, out, *extra):
+    return runner.invoke(app, [str(a) for a in ("prune", source, "--calib", text_file, "--nsamples", 4, "--seqlen", 32,
+                                                "--out", out, "--device", "cpu", "--json", *extra)])
+
+
+def linears_of(directory):
+    model, _ = llmprune.load(str(directory))
+    return {n: m.weight.detach() for n, m in model.named_modules() if n.endswith("proj") or n.endswith("fc1")
+            or n.endswith("fc2") or n.endswith("dense")}
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "alps", "magnitude"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_every_solver_and_pattern_keeps_its_zeros_through_gptq(tiny_model_dir, text_file, tmp_path, method, pattern):
+    """The first linears of block 0 see the same inputs with and without --quantize, so their masks are the same:
+    quantized, every pruned weight is still zero (rounding may add zeros, never remove one), and N:M holds."""
+    source = tiny_model_dir("llama")
+    plain = prune_cli(source, text_file, tmp_path / "plain", "--method", method, "--pattern", pattern)
+    quantized = prune_cli(source, text_file, tmp_path / "q", "--method", method, "--pattern", pattern,
+                          "--quantize", "w4a16", "--group-size", "32")
+    assert plain.exit_code == 0 and quantized.exit_code == 0, quantized.output
+    report = json.loads(quantized.stdout)
+    assert report["format"] == "pack-quantized" and report["sizes"]["linear_stored_bytes"] < 0.2 * report["sizes"]["linear_dense_bytes"]
+    assert all(r["quantized"] == "w4a16 g32 symmetric" for r in report["linears"])
+    before, after = linears_of(tmp_path / "plain"), linears_of(tmp_path / "q")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
+        assert bool(((before[name] == 0) <= (after[name] == 0)).all()), name
+    for name, W in after.items():
+        if pattern == "2:4":
+            assert pattern_holds(W, Pattern(2, 4)), name
+        else:
+            assert (W == 0).float().mean() >= 0.5, name
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "opt", "phi"])
+def test_quantized_on_every_architecture(tiny_model_dir, text_file, tmp_path, arch):
+    result = prune_cli(tiny_model_dir(arch), text_file, tmp_path / "q", "--pattern", "2:4", "--quantize", "w8a16",
+                       "--group-size", "0", "--asymmetric")
+    assert result.exit_code == 0, result.output
+    model, _ = llmprune.load(str(tmp_path / "q"))
+    quantized = [r["name"] for r in json.loads(result.stdout)["linears"] if r["quantized"]]
+    modules = dict(model.named_modules())
+    assert quantized and all(pattern_holds(modules[n].weight, Pattern(2, 4)) for n in quantized)
+
+
+def test_conv1d_and_bad_group_sizes_are_one_line_errors(tiny_model_dir, text_file, tmp_path):
+    result = prune_cli(tiny_model_dir("gpt2"), text_file, tmp_path / "g", "--quantize", "w4a16", "--group-size", "32")
+    assert result.exit_code == 2 and "Conv1D, not an nn.Linear" in result.stderr and not (tmp_path / "g").exists()
+    result = prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "l", "--quantize", "w4a16")  # 64 inputs, group 128
+    assert result.exit_code == 2 and "not a multiple of the group size 128" in result.stderr, result.output
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "l").exists()
+    result = prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "l", "--quantize", "w3a16")
+    assert result.exit_code == 2 and "w3a16" in result.stderr
+
+
+def test_owl_dsnot_and_resume_with_quantization(tmp_path, text_file, monkeypatch):
+    from test_streaming import CALIB, assert_same, interrupt_after, sharded_model
+
+    model = str(sharded_model(tmp_path / "m"))
+    fields = dict(method="wanda", sparsity=0.6, allocation="owl", refine="dsnot", quantize="w4a16", group_size=16,
+                  symmetric=False, **{**CALIB, "calibration": str(text_file)})
+    _, whole = api.prune(model, out=tmp_path / "whole", **fields)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(LlmpruneError, match="continue with --resume"):
+            api.prune(model, out=tmp_path / "out", **fields)
+    _, report = api.prune(model, out=tmp_path / "out", resume=True, **fields)
+    assert report["resumed_after_block"] == 2 and report["format"] == "pack-quantized"
+    assert_same(tmp_path / "whole", tmp_path / "out")
+    assert any(r["refine"] for r in whole["linears"]) and whole["allocation"]["block_sparsity"]
+
+
+def test_gptq_alone_at_sparsity_zero(tiny_model_dir, text_file, tmp_path):
+    result = prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "q", "--sparsity", "0", "--quantize", "w8a16",
+                       "--group-size", "0")
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(app, ["info", str(tmp_path / "q"), "--json"])
+    data = json.loads(info.stdout)
+    assert data["quantization"]["scheme"] == "w8a16 per channel symmetric"
+    assert 8 < data["quantization"]["bits_per_weight"] < 8.6 and data["quantization"]["sparsity_kept"] < 0.05
