@@ -13,7 +13,8 @@ running the `lib/` folder of the DSnoT paper's repository.
         [--llmcompressor /tmp/lcvenv/bin/python]   # llm-compressor's oneshot beside (eval/llmcompressor_run.py)
         [--seeds 0,1,2]   # every run once per calibration seed, with each cell's mean and range
 
-Runs are METHOD:PATTERN[@SPARSITY][+two-pass][+owl][+dsnot]; `--grid wanda,sparsegpt` gives the high-sparsity
+Runs are METHOD:PATTERN[@SPARSITY][+two-pass][+owl][+dsnot][+w4a16|+w8a16] (quantized: GPTQ keeping the mask,
+--group-size; @0 for GPTQ alone; with --llmcompressor beside its GPTQModifier, or its SparseGPT then GPTQ); `--grid wanda,sparsegpt` gives the high-sparsity
 table of the README (each method at 50/60/70% × uniform/OWL × without/with DSnoT). Reference runs exist for
 uniform allocation only (the harness carries no OWL); reference DSnoT leaves the MLP linears to the initial
 method unless --ref-dsnot-every-linear.
@@ -97,6 +98,8 @@ def main() -> None:
                          "Wanda run without DSnoT")
     ap.add_argument("--seeds", default="0", help="comma-separated calibration seeds: each run is repeated for each, and "
                     "the summary gives every cell's mean and range (the reference harness samples with seed 0 only)")
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="quantized runs (+w4a16, +w8a16): inputs per scale (SmolLM2's 576 inputs take 64, not 128)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -131,13 +134,15 @@ def main() -> None:
         run, *options = run.split("+")  # e.g. wanda:2:4+two-pass, wanda:unstructured@0.7+owl+dsnot
         run, _, level = run.partition("@")
         method, pattern = run.split(":", 1)
-        unknown = set(options) - {"two-pass", "owl", "dsnot"}
+        unknown = set(options) - {"two-pass", "owl", "dsnot", "w4a16", "w8a16"}
         if unknown:
-            raise SystemExit(f"unknown run option(s) {sorted(unknown)}; use two-pass, owl, dsnot")
+            raise SystemExit(f"unknown run option(s) {sorted(unknown)}; use two-pass, owl, dsnot, w4a16, w8a16")
+        quantize = next((o for o in options if o in ("w4a16", "w8a16")), "none")
         schedule = "two-pass" if "two-pass" in options else ""
         sparsity = float(level) if level else 0.5
         row = {"method": method, "pattern": pattern, "sparsity_target": sparsity, "schedule": schedule or "sequential",
-               "allocation": "owl" if "owl" in options else "uniform", "refine": "dsnot" if "dsnot" in options else "none"}
+               "allocation": "owl" if "owl" in options else "uniform", "refine": "dsnot" if "dsnot" in options else "none",
+               "quantize": quantize if quantize == "none" else f"{quantize} g{args.group_size}"}
         if method != "dense":
             row["seed"] = seed
         elif seed != seeds[0]:
@@ -153,7 +158,8 @@ def main() -> None:
                    "--device", "cpu", *args.extra.split(), *(["--two-pass"] if schedule == "two-pass" else []),
                    *(["--seed", str(seed)] if len(seeds) > 1 or seed != 0 else []),
                    *(["--sparsity", str(sparsity)] if pattern == "unstructured" else []),
-                   "--allocation", row["allocation"], "--refine", row["refine"]]
+                   "--allocation", row["allocation"], "--refine", row["refine"],
+                   *(["--quantize", quantize, "--group-size", str(args.group_size)] if quantize != "none" else [])]
             seconds, rss, out = run_measured(cmd)
             report = json.loads(out)
             _, _, out = run_measured([*exe, "eval", str(out_dir), "--ppl", str(held_out), "--seqlen", str(args.seqlen),
@@ -161,9 +167,11 @@ def main() -> None:
             refined = [r["refine"] for r in report["linears"] if r.get("refine")]
             row.update(ppl=json.loads(out)["models"][0]["ppl"], command_s=seconds, prune_s=report["timings"]["prune_s"],
                        peak_rss_mib=rss, sparsity=report["sparsity"])
+            if quantize != "none":
+                row["linear_bytes_ratio"] = report["sizes"]["linear_stored_bytes"] / report["sizes"]["linear_dense_bytes"]
             if refined:
                 row["dsnot_rows_refined"] = sum(r["rows_refined"] for r in refined) / sum(r["rows"] for r in refined)
-        if args.reference and schedule != "two-pass" and row["allocation"] == "uniform" and seed == 0:
+        if args.reference and schedule != "two-pass" and row["allocation"] == "uniform" and seed == 0 and quantize == "none":
             ref_method = "dense" if method == "dense" else ("dsnot" if row["refine"] == "dsnot" else method)
             harness = [args.harness]
             if method == "alps":  # ALPS's own solver standing where the reference loop builds its SparseGPT
@@ -180,14 +188,18 @@ def main() -> None:
             row.update(ref_ppl=ref["ppl"], ref_prune_s=ref["prune_s"], ref_peak_rss_mib=rss)
         if (args.llmcompressor and method in ("sparsegpt", "wanda") and schedule != "two-pass"
                 and row["allocation"] == "uniform" and row["refine"] == "none" and seed == 0):
-            lc_dir = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}-{sparsity:g}"
+            lc_dir = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}-{sparsity:g}-{quantize}"
+            lc_method, lc_extra = method, []
+            if quantize != "none":  # GPTQModifier alone at sparsity 0, else llm-compressor's SparseGPT then GPTQ
+                lc_method = "gptq" if sparsity == 0 else f"{method}+gptq"
+                lc_extra = ["--bits", quantize[1], "--group-size", str(args.group_size)]
             _, rss, out = run_measured([args.llmcompressor, str(Path(__file__).with_name("llmcompressor_run.py")), hf_dir,
-                                        str(windows), method, pattern, str(sparsity), str(lc_dir)])
+                                        str(windows), lc_method, pattern, str(sparsity), str(lc_dir), *lc_extra])
             lc = json.loads(out.strip().splitlines()[-1])
             _, _, out = run_measured([*exe, "eval", str(lc_dir), "--ppl", str(held_out), "--seqlen", str(args.seqlen),
                                       "--max-windows", str(args.neval), "--json", "--device", "cpu"])
             row.update(lc_ppl=json.loads(out)["models"][0]["ppl"], lc_prune_s=lc["prune_s"], lc_peak_rss_mib=rss,
-                       lc_sparsity=lc["sparsity"], lc_version=lc["llmcompressor"])
+                       lc_sparsity=lc.get("sparsity"), lc_version=lc["llmcompressor"])
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -195,14 +207,14 @@ def main() -> None:
             "results": results}
     print()
     print(f"machine: {info['machine']}")
-    print(f"{'method':<10} {'pattern':<13} {'target':>6} {'alloc':<7} {'refine':<6} {'schedule':<10} {'ppl':>9} {'ref ppl':>9} "
+    print(f"{'method':<10} {'pattern':<13} {'target':>6} {'alloc':<7} {'refine':<6} {'schedule':<10} {'quant':<10} {'ppl':>9} {'ref ppl':>9} "
           f"{'Δppl':>7} {'cmd s':>7} {'prune s':>8} {'ref s':>7} {'ratio':>6} {'RSS MiB':>8}")
     for r in results:
         ref_ppl, ref_s = r.get("ref_ppl"), r.get("ref_prune_s")
         delta = f"{(r['ppl'] / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
         ratio = f"{r['command_s'] / ref_s:.2f}" if ref_s and "command_s" in r else ""
         print(f"{r['method']:<10} {r['pattern']:<13} {r['sparsity_target']:>6g} {r['allocation']:<7} {r['refine']:<6} "
-              f"{r['schedule']:<10} {r['ppl']:>9.2f} {ref_ppl or '':>9} {delta:>7} "
+              f"{r['schedule']:<10} {r.get('quantize', 'none'):<10} {r['ppl']:>9.2f} {ref_ppl or '':>9} {delta:>7} "
               f"{r.get('command_s', 0):>7.1f} {r.get('prune_s', 0):>8.1f} {ref_s or '':>7} {ratio:>6} {r.get('peak_rss_mib', 0):>8.0f}")
         if "lc_ppl" in r:
             print(f"{'':<10} llm-compressor {r['lc_version']}: ppl {r['lc_ppl']:.2f} ({(r['ppl'] / r['lc_ppl'] - 1) * 100:+.1f}% ours), "
@@ -213,10 +225,11 @@ def main() -> None:
         cells: dict[tuple, list[float]] = {}
         for r in results:
             if "seed" in r:
-                key = (r["method"], r["pattern"], r["sparsity_target"], r["allocation"], r["refine"], r["schedule"])
+                key = (r["method"], r["pattern"], r["sparsity_target"], r["allocation"], r["refine"], r["schedule"],
+                       r.get("quantize", "none"))
                 cells.setdefault(key, []).append(r["ppl"])
         for key, ppls in cells.items():
-            print(f"{key[0]:<10} {key[1]:<13} {key[2]:>6g} {key[3]:<7} {key[4]:<6} {key[5]:<10} "
+            print(f"{key[0]:<10} {key[1]:<13} {key[2]:>6g} {key[3]:<7} {key[4]:<6} {key[5]:<10} {key[6]:<10} "
                   f"{sum(ppls) / len(ppls):>9.2f} ({min(ppls):.2f}-{max(ppls):.2f}, {len(ppls)} seeds)")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")

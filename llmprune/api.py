@@ -103,6 +103,10 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
     if recipe.quantize != "none" and shards is not None:
         raise LlmpruneError("this model would be streamed (it takes over half the free memory), which --quantize does not "
                             "support yet; pass --no-stream to load it whole.")
+    if recipe.quant_scheme is not None:  # before any calibration: every group size fits
+        blocks_name, blocks = models.find_blocks(model)
+        recipe.quant_scheme.check_all({n: models.in_features(m) for i, block in enumerate(blocks) for n, m in
+                                       models.find_linears(block, f"{blocks_name}.{i}", recipe.ignore, recipe.targets).items()})
     timings["load_s"] = time.perf_counter() - started
     seqlen, capped = plan_.capped_seqlen(recipe.seqlen, model)
     windows = None

@@ -60,13 +60,15 @@ def model_card(directory: str | Path, repo_id: str, info: dict, branches: list[d
     report = read_report(directory)
     recipe = report.get("recipe") or {}
     base = base_model(report)
-    tags = ["llmprune", "sparse", "pruned"] + ([recipe["method"]] if recipe.get("method") else [])
+    tags = ["llmprune", "sparse", "pruned"] + ([recipe["method"]] if recipe.get("method") else []) + (
+        ["compressed-tensors", recipe["quantize"]] if recipe.get("quantize", "none") != "none" else [])
     branches = branches or [{"revision": "main", "format": info["format"], "layout": _layout_of(info), "info": info}]
     main = next((b for b in branches if b["revision"] == "main"), branches[0])
     meta = ["---"]
     if base:
         meta.append(f"base_model: {base}")
-    meta.append("library_name: " + ("transformers" if main["layout"] == "dense" else "llmprune"))
+    meta.append("library_name: " + ("transformers" if main["layout"] == "dense" or main["format"] == "pack-quantized"
+                                     else "llmprune"))
     meta.append("tags:")
     meta += [f"- {t}" for t in tags]
     meta.append("---")
@@ -105,6 +107,11 @@ def model_card(directory: str | Path, repo_id: str, info: dict, branches: list[d
         if b["layout"] == "dense":
             loads = f"anything: plain transformers, vLLM, `llmprune.load(\"{spec}\")`"
             layout = "dense safetensors (zeros stored)"
+        elif b["format"] == "pack-quantized":
+            q = b["info"].get("quantization") or {}
+            loads = (f"plain transformers with compressed-tensors (`pip install compressed-tensors`), vLLM, "
+                     f"`llmprune.load(\"{spec}\")`")
+            layout = f"compressed-tensors `pack-quantized` ({q.get('scheme', 'quantized')}, zeros kept as values)"
         elif b["layout"] == "llmprune":
             loads = (f"llmprune: `llmprune.load(\"{spec}\")`, or `import llmprune` and then transformers' "
                      "`from_pretrained`; without llmprune transformers stops with an error naming it")
@@ -117,10 +124,11 @@ def model_card(directory: str | Path, repo_id: str, info: dict, branches: list[d
     lines += ["## Loading", "", "```python"]
     for b in branches:
         spec = repo_id if b["revision"] == "main" else f"{repo_id}@{b['revision']}"
-        if b["layout"] == "dense":
+        if b["layout"] == "dense" or b["format"] == "pack-quantized":
             lines += ["from transformers import AutoModelForCausalLM", "",
                       f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"'
-                      + ("" if b["revision"] == "main" else f', revision="{b["revision"]}"') + ")   # no llmprune needed", ""]
+                      + ("" if b["revision"] == "main" else f', revision="{b["revision"]}"') + ")   # no llmprune needed"
+                      + ("; needs compressed-tensors" if b["format"] == "pack-quantized" else ""), ""]
         else:
             lines += ["import llmprune  # pip install llmprune: reads the compressed layout", "",
                       f'model, tokenizer = llmprune.load("{spec}")', ""]
@@ -157,6 +165,12 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False, revision
         api = HfApi(token=resolve_token(token))
     wanted = {"both": [("dense", target), ("compressed", compressed_branch)], "dense": [("dense", target)],
               "compressed": [("compressed", target)]}[layout]
+    if _quantized(directory):  # pack-quantized loads everywhere as it is: one upload, no converted copies
+        if layout == "dense":
+            raise LlmpruneError(f"{directory} is quantized (pack-quantized), which plain transformers and vLLM load as it "
+                                "is; push it with --layout both or compressed, or convert it first: llmprune convert DIR "
+                                "--format dense --out DENSE_DIR.")
+        wanted = [("as-is", target)]
     with tempfile.TemporaryDirectory(prefix=f".{directory.name}.push-", dir=directory.parent) as work:
         copies = []
         for fmt, branch in wanted:
@@ -184,6 +198,14 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False, revision
     return {"repo_id": repo_id, "private": private, "uploads": uploads}
 
 
+def _quantized(directory: Path) -> bool:
+    from llmprune import quant
+    from llmprune.checkpoint import read_layout
+
+    layout = read_layout(directory)
+    return layout is not None and layout[1] == quant.PACK_FORMAT
+
+
 def _as_layout(directory: Path, fmt: str, work: Path):
     """(a directory holding the checkpoint in `fmt` (dense or compressed: llmprune's layout), its description):
     `directory` itself where it is in that layout already, else a converted copy in `work`; (None, None) for a
@@ -193,7 +215,8 @@ def _as_layout(directory: Path, fmt: str, work: Path):
     from llmprune.describe import describe
 
     layout = read_layout(directory)
-    if (fmt == "dense" and layout is None) or (fmt == "compressed" and layout is not None and layout[0] == formats.LLMPRUNE):
+    if fmt == "as-is" or (fmt == "dense" and layout is None) or (
+            fmt == "compressed" and layout is not None and layout[0] == formats.LLMPRUNE):
         return directory, describe(directory)
     copy = work / fmt
     convert(directory, copy, fmt=fmt)

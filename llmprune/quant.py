@@ -30,6 +30,7 @@ W4 per channel unstructured was it lower (4.69e6 against 5.05e6). Sequential als
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -88,14 +89,20 @@ class QuantScheme:
         return 1 if self.group_size == 0 else -(-columns // self.group_size)
 
     def check(self, name: str, columns: int) -> None:
-        if self.group_size and columns % self.group_size:
-            raise LlmpruneError(f"{name} has {columns} inputs, not a multiple of the group size {self.group_size}; "
-                                f"pass a --group-size that divides it (e.g. {_divisor(columns, self.group_size)}) or 0 "
-                                "for one scale per output row.")
+        self.check_all({name: columns})
 
-
-def _divisor(columns: int, near: int) -> int:
-    return max((g for g in range(1, columns + 1) if columns % g == 0 and g <= near), default=1)
+    def check_all(self, inputs: dict[str, int]) -> None:
+        """Every linear's input width (name -> columns) a multiple of the group size, or an error naming the first
+        that is not and a group size that divides them all."""
+        bad = [(n, c) for n, c in inputs.items() if self.group_size and c % self.group_size]
+        if bad:
+            name, columns = bad[0]
+            common = math.gcd(*inputs.values())
+            fit = max((g for g in range(1, self.group_size + 1) if common % g == 0), default=1)
+            raise LlmpruneError(f"{name} has {columns} inputs, not a multiple of the group size {self.group_size}"
+                                f"{f' (nor are {len(bad) - 1} more linears)' if len(bad) > 1 else ''}; pass --group-size "
+                                f"{fit}, which divides every linear's inputs, or 0 for one scale per "
+                                "output row.")
 
 
 def parse_scheme(text: str, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = True) -> QuantScheme | None:

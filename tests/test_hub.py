@@ -183,3 +183,17 @@ def test_a_failed_upload_is_one_line(tiny_model_dir, text_file, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: Refusing())
     small = prune(tiny_model_dir("llama"), text_file, tmp_path / "small")
     assert_user_error(run("push", small, "alice/x", "--token", "t"), "upload to alice/x failed", "403 Forbidden")
+
+
+def test_a_quantized_checkpoint_goes_up_as_it_is(tiny_model_dir, text_file, tmp_path, fake_hub):
+    """pack-quantized loads with plain transformers and vLLM: one upload to main, no converted copies."""
+    q = prune(tiny_model_dir("llama"), text_file, tmp_path / "q", "--pattern", "2:4", "--quantize", "w4a16", "--group-size", "32")
+    result = run("push", q, "alice/tiny-24-w4", "--token", "t", "--json")
+    assert result.exit_code == 0, result.output
+    assert [(u["revision"], u["format"]) for u in json.loads(result.stdout)["uploads"]] == [("main", "pack-quantized")]
+    main = fake_hub.branches["main"]
+    assert json.loads(main["config.json"])["quantization_config"]["format"] == "pack-quantized"
+    assert main["model.safetensors"] == (q / "model.safetensors").read_bytes()
+    card = fake_hub.card("main")
+    assert "library_name: transformers" in card and "- w4a16" in card and "w4a16 g32 symmetric" in card
+    assert_user_error(run("push", q, "alice/x", "--layout", "dense", "--token", "t"), "quantized", "llmprune convert")

@@ -99,7 +99,7 @@ def test_schemes_parse_and_explain_their_mistakes():
     for text, fragment in [("w3a16", "3 bits"), ("int4", "unknown scheme 'int4'")]:
         with pytest.raises(LlmpruneError, match=fragment):
             parse_scheme(text)
-    with pytest.raises(LlmpruneError, match="not a multiple of the group size 128.*e.g. 96"):
+    with pytest.raises(LlmpruneError, match="not a multiple of the group size 128.*--group-size 96, which divides"):
         QuantScheme(4, 128).check("model.layers.0.mlp.down_proj", 576)
 
 
@@ -167,6 +167,7 @@ def test_conv1d_and_bad_group_sizes_are_one_line_errors(tiny_model_dir, text_fil
     assert result.exit_code == 2 and "Conv1D, not an nn.Linear" in result.stderr and not (tmp_path / "g").exists()
     result = prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "l", "--quantize", "w4a16")  # 64 inputs, group 128
     assert result.exit_code == 2 and "not a multiple of the group size 128" in result.stderr, result.output
+    assert "--group-size 64" in result.stderr
     assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "l").exists()
     result = prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "l", "--quantize", "w3a16")
     assert result.exit_code == 2 and "w3a16" in result.stderr

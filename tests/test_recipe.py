@@ -10,7 +10,7 @@ from llmprune.recipe import Recipe, load_recipe, shipped_recipes
 
 runner = CliRunner()
 SHIPPED = ["sparsegpt-2of4", "wanda-unstructured-50", "sparsegpt-4of8", "owl-wanda-70", "owl-dsnot-70", "alps-unstructured-70",
-           "alps-2of4", "owl-alps-70"]
+           "alps-2of4", "owl-alps-70", "sparsegpt-2of4-w4a16", "sparsegpt-50-w4a16"]
 
 
 def run(*args):
