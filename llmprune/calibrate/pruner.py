@@ -86,7 +86,7 @@ class BlockPruner:
     def _new_solver(self, columns: int) -> Solver:
         solver = make_solver(self.method, columns, self.device, self.refine, self.first_window, self.solver_options)
         if self.scheme is not None and solver.gptq() is None:
-            self._rounders[id(solver)] = SparseGPTSolver(columns, torch.device(self.device))
+            self._rounders[id(solver)] = SparseGPTSolver(columns, torch.device(self.device), exact=True)
         return solver
 
     def _rounder(self, solver: Solver) -> SparseGPTSolver:

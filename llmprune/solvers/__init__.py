@@ -29,7 +29,8 @@ class Solver:
     takes_squares: whether add_batch() accepts x² that a caller computed anyway (DSnoT beside Wanda).
     hessian: Σ x xᵀ (upper block triangle) where the solver keeps it, for DSnoT to borrow; None otherwise.
     gptq(): the SparseGPT statistics that GPTQ rounds this solver's weights with (quant.py), where the solver keeps
-    them; None otherwise (the caller then gathers its own).
+    them summed exactly (fp64: GPTQ's roundings must not depend on how batches were grouped); None otherwise (the
+    caller then gathers its own).
     """
 
     needs_data: ClassVar[bool] = True

@@ -33,7 +33,7 @@ from torch import Tensor
 from llmprune.masks import Pattern, lowest_k, prune_count
 from llmprune.solvers.magnitude import MagnitudeSolver
 from llmprune.solvers import Solver
-from llmprune.solvers.sparsegpt import PERCDAMP, SparseGPTSolver, add_upper_, row_block, symmetric
+from llmprune.solvers.sparsegpt import PERCDAMP, SparseGPTSolver, add_upper_exact_, row_block, symmetric
 
 RHO0 = 0.1  # initial penalty (authors' code)
 MAX_ITERS = 300  # ADMM iterations at most (authors' code)
@@ -73,12 +73,7 @@ class ALPSSolver(Solver):
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        if self._batch is None:
-            self._batch = torch.zeros(self.H.shape, dtype=torch.float32, device=self.H.device)
-        else:
-            self._batch.zero_()
-        add_upper_(self._batch, x, self._row_block)
-        self.H += self._batch
+        self._batch = add_upper_exact_(self.H, self._batch, x, self._row_block)
         self.tokens += x.shape[0]
         self._basis = None
 

@@ -31,6 +31,19 @@ def add_upper_(H: Tensor, x: Tensor, step: int) -> None:
         H[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
 
 
+def add_upper_exact_(H: Tensor, batch: Tensor | None, x: Tensor, step: int) -> Tensor:
+    """H (fp64) += xᵀx on its upper block triangle: the batch's product in fp32 (in `batch`, reused; returned), summed
+    in fp64, where adding batches is exact in practice, so H does not depend on how the batches were grouped (over
+    torch.distributed ranks, for one)."""
+    if batch is None:
+        batch = torch.zeros(H.shape, dtype=torch.float32, device=H.device)
+    else:
+        batch.zero_()
+    add_upper_(batch, x, step)
+    H += batch
+    return batch
+
+
 LAPACK_UP_TO = 640  # inverse_cholesky hands matrices up to this size to LAPACK whole (measured faster up to 576)
 
 
@@ -70,8 +83,12 @@ class SparseGPTSolver(Solver):
     # when the caller passes a `select` that chooses over every row
     selects_across_rows = True
 
-    def __init__(self, columns: int, device: torch.device, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in], upper block triangle
+    def __init__(self, columns: int, device: torch.device, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
+                 exact: bool = False):
+        # [in, in], upper block triangle; exact: summed in fp64 (add_upper_exact_), the same over any grouping of the
+        # batches, as GPTQ needs (one rounding that flips moves every later column of its row)
+        self.H = torch.zeros(columns, columns, dtype=torch.float64 if exact else torch.float32, device=device)
+        self._batch: Tensor | None = None
         self._row_block = row_block(columns)
         self.tokens = 0
         self.blocksize = blocksize
@@ -80,7 +97,10 @@ class SparseGPTSolver(Solver):
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        add_upper_(self.H, x, self._row_block)
+        if self.H.dtype == torch.float64:
+            self._batch = add_upper_exact_(self.H, self._batch, x, self._row_block)
+        else:
+            add_upper_(self.H, x, self._row_block)
         self.tokens += x.shape[0]
         self._factor = None
 
@@ -93,10 +113,7 @@ class SparseGPTSolver(Solver):
 
     @property
     def hessian(self) -> Tensor:
-        return self.H
-
-    def gptq(self) -> "SparseGPTSolver":
-        return self  # one inverse factor for pruning and rounding
+        return self.H.float()
 
     def row_separable(self, pattern: Pattern) -> bool:
         return pattern.structured
@@ -110,7 +127,8 @@ class SparseGPTSolver(Solver):
     def _inverse_factor(self) -> tuple[Tensor, Tensor]:
         """Upper Cholesky factor of H⁻¹ (dampened), and the mask of dead inputs (never non-zero)."""
         if self._factor is None:
-            H = symmetric(self.H) * (2.0 / max(self.tokens, 1))
+            self._batch = None
+            H = symmetric(self.H).float() * (2.0 / max(self.tokens, 1))
             dead = torch.diagonal(H) == 0
             H[dead, dead] = 1.0
             H.diagonal().add_(self.percdamp * torch.diagonal(H).mean())
