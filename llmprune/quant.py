@@ -56,11 +56,13 @@ class Quantized:
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """bits: 4 or 8; group_size: inputs per scale (0: one scale per output row); symmetric: zero point 0."""
+    """bits: 4 or 8; group_size: inputs per scale (0: one scale per output row); symmetric: zero point 0;
+    actorder: GPTQ rounds the columns by descending diag(H), with static groups (the layout is the same)."""
 
     bits: int = 4
     group_size: int = DEFAULT_GROUP_SIZE
     symmetric: bool = True
+    actorder: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -82,7 +84,7 @@ class QuantScheme:
 
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per channel"
-        return f"{self.name} {group} {'symmetric' if self.symmetric else 'asymmetric'}"
+        return f"{self.name} {group} {'symmetric' if self.symmetric else 'asymmetric'}" + (" actorder" if self.actorder else "")
 
     def groups(self, columns: int) -> int:
         """Scales per output row of a weight with `columns` inputs."""
@@ -105,14 +107,15 @@ class QuantScheme:
                                 "output row.")
 
 
-def parse_scheme(text: str, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = True) -> QuantScheme | None:
+def parse_scheme(text: str, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = True,
+                 actorder: bool = False) -> QuantScheme | None:
     """'w4a16' / 'w8a16' -> a scheme; 'none' -> None."""
     if text in ("none", ""):
         return None
     match = re.fullmatch(r"w(\d+)a16", text.lower())
     if not match:
         raise LlmpruneError(f"quantize: unknown scheme '{text}'; choose w4a16, w8a16 or none.")
-    return QuantScheme(int(match.group(1)), group_size, symmetric)
+    return QuantScheme(int(match.group(1)), group_size, symmetric, actorder)
 
 
 def qparams(lo: Tensor, hi: Tensor, scheme: QuantScheme, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -179,6 +182,18 @@ class ColumnQuantizer:
         k = i // self.g
         self.scale[:, k], self.zero[:, k] = s, z
         self._s, self._z = s, z
+
+    def choose_all(self, WT: Tensor) -> None:
+        """Choose every group's scales at once from WT ([in, out], the inputs in their own order): static groups."""
+        groups = WT.reshape(self.scale.shape[1], self.g, WT.shape[1])
+        s, z = qparams(groups.amin(1), groups.amax(1), self.scheme, self.dtype)  # [groups, out]
+        self.scale.copy_(s.T)
+        self.zero.copy_(z.T)
+        self._static = (s.contiguous(), z.contiguous())
+
+    def use_group(self, k: int) -> None:
+        """Round the next columns with the (static) scales of group k."""
+        self._s, self._z = self._static[0][k], self._static[1][k]
 
     def result(self, W: Tensor, r1: int, r2: int, dtype: torch.dtype) -> Quantized:
         """The Quantized of the rows r1:r2 of the rounded weight W ([rows, in], fp32, on the grid)."""

@@ -38,6 +38,7 @@ class Recipe:
     quantize: str = "none"  # or w4a16, w8a16: the pruned weights rounded to int4/int8 by GPTQ keeping the mask
     group_size: int = 128  # quantization: inputs sharing one scale (0: one scale per output row)
     symmetric: bool = True  # quantization: zero point 0 (else a zero point per group)
+    actorder: bool = False  # quantization: GPTQ's columns by descending diag(H), every group's scales chosen beforehand
     targets: tuple[str, ...] = ()  # regexes on full linear names to prune (empty: every linear of every block)
     ignore: tuple[str, ...] = ()  # regexes on full linear names left dense
     overrides: tuple[tuple[str, float], ...] = ()  # (regex, sparsity): the first match sets a linear's sparsity
@@ -126,7 +127,7 @@ class Recipe:
     @property
     def quant_scheme(self):
         """The quantization scheme (quant.QuantScheme), or None without quantization."""
-        return parse_scheme(self.quantize, self.group_size, self.symmetric)
+        return parse_scheme(self.quantize, self.group_size, self.symmetric, self.actorder)
 
     @property
     def needs_data(self) -> bool:

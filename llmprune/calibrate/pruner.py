@@ -221,7 +221,8 @@ class BlockPruner:
         quantized = None
         if self.scheme is not None:  # every rank rounds every weight (deterministic: the same on each)
             started = time.perf_counter()
-            quantized = self._rounder(self.groups[name][0]).quantize_many([W_new], [W_new == 0], self.scheme)[0]
+            quantized = self._rounder(self.groups[name][0]).quantize_many([W_new], [W_new == 0], self.scheme,
+                                                                            self.scheme.actorder)[0]
             W_new, seconds = quantized.weight, seconds + time.perf_counter() - started
         result = apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)
         if quantized is not None:

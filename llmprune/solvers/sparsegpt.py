@@ -93,7 +93,7 @@ class SparseGPTSolver(Solver):
         self.tokens = 0
         self.blocksize = blocksize
         self.percdamp = percdamp
-        self._factor: tuple[Tensor, Tensor] | None = None
+        self._factor: dict[bool, tuple] | None = None  # ordered? -> (U, dead inputs, order)
 
     def add_batch(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
@@ -124,20 +124,27 @@ class SparseGPTSolver(Solver):
         self.tokens = int(sum_(torch.tensor([self.tokens], device=self.H.device)).item())
         self._factor = None
 
-    def _inverse_factor(self) -> tuple[Tensor, Tensor]:
-        """Upper Cholesky factor of H⁻¹ (dampened), and the mask of dead inputs (never non-zero)."""
+    def _inverse_factor(self, ordered: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Upper Cholesky factor of H⁻¹ (dampened), the mask of dead inputs (never non-zero), and with `ordered` the
+        inputs' order by descending diag(H) (GPTQ's activation order) that the factor is of (None: their own)."""
         if self._factor is None:
+            self._factor = {}
+        if ordered not in self._factor:
             self._batch = None
             H = symmetric(self.H).float() * (2.0 / max(self.tokens, 1))
             dead = torch.diagonal(H) == 0
             H[dead, dead] = 1.0
+            order = None
+            if ordered:
+                order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+                H = H[order][:, order]
             H.diagonal().add_(self.percdamp * torch.diagonal(H).mean())
             # The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) is J·L⁻¹·J, where J reverses the order of the
             # inputs and L is the lower Cholesky factor of J·H·J: one factorization and one triangular
             # inverse instead of the reference's factorize, invert, factorize again.
             U = inverse_cholesky(H.flip(0, 1)).flip(0, 1)
-            self._factor = (U, dead)
-        return self._factor
+            self._factor[ordered] = (U, dead, order)
+        return self._factor[ordered]
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         return self._prune_stacked([W], [sparsity], pattern)[0]
@@ -155,25 +162,33 @@ class SparseGPTSolver(Solver):
         """
         return self._prune_stacked(weights, sparsities, pattern, select)
 
-    def quantize_many(self, weights: list[Tensor], masks: list[Tensor], scheme) -> list:
+    def quantize_many(self, weights: list[Tensor], masks: list[Tensor], scheme, actorder: bool = True) -> list:
         """GPTQ keeping a mask: round each weight to the scheme's grid (quant.py) column by column, spreading each
         column's rounding error over the columns not yet reached through this solver's inverse Hessian factor;
         where masks (bool, True = pruned, one per weight) are set the weight is 0 instead, its error spread the
-        same way, so the zeros stay zeros. Returns a quant.Quantized per weight."""
+        same way, so the zeros stay zeros. actorder: columns in descending order of diag(H), with every group's
+        scales chosen beforehand from the weight as given (GPTQ's activation order with static groups, as
+        llm-compressor's default `actorder: static`: the checkpoint needs no column permutation). Returns a
+        quant.Quantized per weight."""
         if any(M.shape != W.shape for W, M in zip(weights, masks)):
             raise ValueError("every mask must be shaped like its weight")
-        return self._prune_stacked(weights, [0.0] * len(weights), Pattern(), None, scheme, masks)
+        return self._prune_stacked(weights, [0.0] * len(weights), Pattern(), None, scheme, masks, actorder)
 
     def _prune_stacked(self, weights: list[Tensor], sparsities: list[float], pattern: Pattern, select=None,
-                       scheme=None, masks=None) -> list:
+                       scheme=None, masks=None, actorder: bool = False) -> list:
         if scheme is None and all(s == 0 for s in sparsities) and not pattern.structured and select is None:
             return [W.clone() for W in weights]
-        U, dead = self._inverse_factor()  # U: [in, in], upper
+        U, dead, perm = self._inverse_factor(actorder)  # U: [in, in], upper (of the inputs in the order `perm`)
         WT, bounds = _stack(weights)  # [in, out...]: a column of the weights is a contiguous row here
         WT[dead] = 0
         cols = WT.shape[0]
         fixed = None if masks is None else _stack(masks)[0].bool()
         quantizer = None if scheme is None else ColumnQuantizer(scheme, cols, WT.shape[1], WT.device, weights[0].dtype)
+        group_of = None  # with an order: the group of each input as reached, whose scales are chosen beforehand
+        if perm is not None:
+            quantizer.choose_all(WT)
+            group_of = (perm // quantizer.g).tolist()
+            WT, fixed = WT[perm], fixed[perm]
         m = pattern.m
         bs = max(self.blocksize // m, 1) * m if pattern.structured else self.blocksize
         sub = max(SUBBLOCK // m, 1) * m if pattern.structured else SUBBLOCK
@@ -212,7 +227,9 @@ class SparseGPTSolver(Solver):
                     if quantizer is None:
                         torch.mul(W1[i], scale[i], out=Err1[i])
                     else:
-                        if (i1 + i) % quantizer.g == 0:
+                        if group_of is not None:
+                            quantizer.use_group(group_of[i1 + i])
+                        elif (i1 + i) % quantizer.g == 0:
                             quantizer.start_group(WT, i1 + i)
                         quantizer.round_(W1[i], keep[i], Q1[i])
                         torch.sub(W1[i], Q1[i], out=Err1[i]).mul_(inv_d1[i])
@@ -226,6 +243,8 @@ class SparseGPTSolver(Solver):
                 W1.copy_(Q1)
             if i2 < cols:
                 WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+        if perm is not None:
+            WT = torch.empty_like(WT).index_copy_(0, perm, WT)  # back to the inputs' own order
         if quantizer is None:
             return [WT[:, r1:r2].T.to(W.dtype).contiguous() for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
         return [quantizer.result(WT[:, r1:r2].T, r1, r2, W.dtype) for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
