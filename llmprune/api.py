@@ -97,12 +97,7 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
     dist.barrier()  # every rank has looked before rank 0 may create OUT.partial
 
     timings = {}
-    if recipe.quantize != "none" and options.stream:
-        raise LlmpruneError("--quantize with --stream is not supported yet: the model must fit in memory; drop --stream.")
     model, tokenizer, source, shards = _load(model_or_path, tokenizer, options, dist)
-    if recipe.quantize != "none" and shards is not None:
-        raise LlmpruneError("this model would be streamed (it takes over half the free memory), which --quantize does not "
-                            "support yet; pass --no-stream to load it whole.")
     if recipe.quant_scheme is not None:  # before any calibration: every group size fits
         blocks_name, blocks = models.find_blocks(model)
         recipe.quant_scheme.check_all({n: models.in_features(m) for i, block in enumerate(blocks) for n, m in
@@ -206,7 +201,7 @@ def _save(model, tokenizer, out_dir: Path, report: dict, run, recipe: Recipe, op
         try:
             if shards is not None:
                 run.assemble(out_dir, tokenizer=tokenizer, fmt=options.format, pruned=pruned, report=report, files=files,
-                             overwrite=options.overwrite)
+                             overwrite=options.overwrite, scheme=recipe.quant_scheme)
             else:
                 checkpoint.save(model, tokenizer, out_dir, report=report, fmt=options.format, overwrite=options.overwrite,
                                 pruned=pruned, files=files, scheme=recipe.quant_scheme)

@@ -479,6 +479,26 @@ def save_compressed_directly(model, directory: Path, pruned: set[str], fmt: str,
     return {"format": fmt, "linears": sizes}
 
 
+def _quantized_entries(name: str, W: Tensor, scale: Tensor, zero: Tensor, scheme, dense: bool) -> list[tuple[str, Tensor]]:
+    """What a quantized linear P stores: P.weight (ŵ) when dense, else its pack-quantized tensors."""
+    from llmprune import quant
+
+    if dense:
+        return [(f"{name}.weight", W)]
+    return [(f"{name}.{part}", t) for part, t in quant.pack_quantized(W, scale, zero, scheme).items()]
+
+
+def _declare_quantized(directory: Path, scheme, quantized: set[str], linears: set[str], zeros: int, total: int,
+                       structure: str) -> None:
+    from llmprune import quant
+
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = quant.compressed_tensors_config(
+        scheme, ignore=sorted(linears - quantized), global_sparsity=zeros / max(total, 1), structure=structure)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_quantized(model, directory: Path, scheme, *, dense: bool = False, structure: str = "unstructured") -> dict | None:
     """Write a model whose quantized linears hold ŵ and their quant.SCALE / quant.ZERO buffers: in compressed-tensors'
     pack-quantized layout (the scales in the model's dtype; returns what save_compressed_directly returns), or dense
@@ -492,21 +512,58 @@ def save_quantized(model, directory: Path, scheme, *, dense: bool = False, struc
         W = state.pop(f"{name}.weight").detach()
         scale, zero = state.pop(f"{name}.{quant.SCALE}"), state.pop(f"{name}.{quant.ZERO}")
         zeros, total = zeros + int((W == 0).sum()), total + W.numel()
-        if dense:
-            state[f"{name}.weight"] = W
-            continue
-        parts = quant.pack_quantized(W, scale, zero, scheme)
-        state.update({f"{name}.{part}": t for part, t in parts.items()})
-        sizes[name] = {"dense_bytes": W.numel() * W.element_size(), "stored_bytes": formats.stored_bytes(parts)}
+        entries = _quantized_entries(name, W, scale, zero, scheme, dense)
+        state.update(entries)
+        sizes[name] = {"dense_bytes": W.numel() * W.element_size(), "stored_bytes": sum(t.numel() * t.element_size()
+                                                                                         for _, t in entries)}
     model.save_pretrained(directory, state_dict=state, max_shard_size=SHARD_SIZE)
     if dense:
         return None
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = quant.compressed_tensors_config(
-        scheme, ignore=sorted(linears - set(names)), global_sparsity=zeros / max(total, 1), structure=structure)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _declare_quantized(directory, scheme, set(names), linears, zeros, total, structure)
+    return {"format": quant.PACK_FORMAT, "layout": formats.COMPRESSED_TENSORS, "linears": sizes}
+
+
+def pack_quantized_directory(directory: Path, scheme, *, dense: bool = False, structure: str = "unstructured") -> dict | None:
+    """save_quantized for a directory of dense shards that hold ŵ and the quant.SCALE / quant.ZERO tensors beside
+    (a streamed run's): each shard rewritten in place, one tensor in memory at a time. Returns as save_quantized."""
+    from llmprune import quant
+
+    sizes, zeros, total, linears, names = {}, 0, 0, set(), set()
+    weight_map: dict[str, str] = {}
+    for file in weight_files(directory):
+        with TensorReader(file) as handle:
+            keys = list(handle.keys())
+            quantized = quant.quantized_modules(keys)
+            entries = []
+            for key in keys:
+                stem, _, suffix = key.rpartition(".")
+                if stem in quantized and suffix in (quant.SCALE, quant.ZERO):
+                    continue
+                if stem in quantized and suffix == "weight":
+                    W = handle.get_tensor(key)
+                    zeros, total = zeros + int((W == 0).sum()), total + W.numel()
+                    parts = _quantized_entries(stem, W, handle.get_tensor(f"{stem}.{quant.SCALE}"),
+                                               handle.get_tensor(f"{stem}.{quant.ZERO}"), scheme, dense)
+                    sizes[stem] = {"dense_bytes": W.numel() * W.element_size(),
+                                   "stored_bytes": sum(t.numel() * t.element_size() for _, t in parts)}
+                    entries += [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in parts]
+                    continue
+                if key.endswith(".weight") and len(handle.shape(key)) == 2:
+                    linears.add(stem)
+                entries.append((key, handle.dtype(key), handle.shape(key), lambda key=key: handle.get_tensor(key)))
+            names |= quantized
+            write_tensors(file, entries, {"format": "pt"})  # written aside, then renamed over the file read here
+        weight_map.update({key: file.name for key, *_ in entries})
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        data.setdefault("metadata", {})["total_size"] = sum((directory / f).stat().st_size for f in set(weight_map.values()))
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    if dense:
+        return None
+    _declare_quantized(directory, scheme, names, linears | names, zeros, total, structure)
     return {"format": quant.PACK_FORMAT, "layout": formats.COMPRESSED_TENSORS, "linears": sizes}
 
 

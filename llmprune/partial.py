@@ -225,7 +225,7 @@ class PartialRun(BlockStore):
 
     # -- the final directory, from the finished blocks (streaming) --
     def assemble(self, out: Path, *, tokenizer, fmt: str, pruned: set[str], report: dict, files: dict[str, str],
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, scheme=None) -> Path:
         """Write OUT/ from the finished blocks and the source's other tensors: one dense shard per block plus one
         for the rest, an index and config.json, then finished as any checkpoint (compression, tokenizer, files).
         Tensors are read and written one at a time."""
@@ -262,6 +262,12 @@ class PartialRun(BlockStore):
             generation = source.directory / "generation_config.json"
             if generation.is_file():
                 shutil.copyfile(generation, tmp / generation.name)
+            if scheme is not None:  # quantized: pack-quantized (or dense ŵ), every linear as stored
+                written = checkpoint.pack_quantized_directory(
+                    tmp, scheme, dense=fmt == "dense", structure=(report.get("recipe") or {}).get("pattern", "unstructured"))
+                checkpoint.finish_directory(tmp, tokenizer=tokenizer, report=report, fmt="dense", pruned=set(),
+                                            files=files, written=written)
+                return out
             stored = {source.key_of[f"{name}.weight"][: -len(".weight")] for name in pruned
                       if f"{name}.weight" in source.key_of}  # names as in the shards
             experts = {name for name in pruned if f"{name}.weight" not in source.key_of}

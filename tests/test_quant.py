@@ -198,3 +198,25 @@ def test_gptq_alone_at_sparsity_zero(tiny_model_dir, text_file, tmp_path):
     data = json.loads(info.stdout)
     assert data["quantization"]["scheme"] == "w8a16 per channel symmetric"
     assert 8 < data["quantization"]["bits_per_weight"] < 8.6 and data["quantization"]["sparsity_kept"] < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["compressed", "dense"])
+def test_streamed_quantized_run_equals_in_memory(tmp_path, text_file, fmt):
+    from test_streaming import CALIB, sharded_model, tensors
+
+    model = str(sharded_model(tmp_path / "m"))
+    fields = dict(method="sparsegpt", pattern="2:4", quantize="w4a16", group_size=32, format=fmt,
+                  **{**CALIB, "calibration": str(text_file)})
+    api.prune(model, out=tmp_path / "memory", stream=False, **fields)
+    _, report = api.prune(model, out=tmp_path / "streamed", stream=True, **fields)
+    assert report["model"]["streamed"] and report["format"] == ("pack-quantized" if fmt == "compressed" else "dense")
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from llmprune.files import read_header, weight_files
+
+    stored = {k for f in weight_files(tmp_path / "streamed") for k in read_header(f)}
+    assert not any(k.endswith("weight_zero_point") for k in stored)  # symmetric: no zero points stored
+    assert any(k.endswith("weight_packed") for k in stored) == (fmt == "compressed")
+    assert any(k.endswith("weight_scale") for k in stored) == (fmt == "compressed")
+    loaded = llmprune.load(str(tmp_path / "streamed"))[0]
+    assert pattern_holds(loaded.model.layers[1].mlp.up_proj.weight, Pattern(2, 4))
