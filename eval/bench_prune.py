@@ -61,9 +61,14 @@ def machine() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    family = next((line.split(":", 1)[1].strip() for line in info if line.startswith("cpu family")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git": git}
+    # the family and AVX-512 tell apart machines that name themselves alike ("AMD EPYC"): their matmuls round differently
+    return {"cpu": cpu, "cpu_family": family, "avx512f": "avx512f" in flags, "cores": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "git": git}
 
 
 def grid(methods: str) -> list[str]:
