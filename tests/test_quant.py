@@ -247,3 +247,17 @@ def test_gptq_equals_the_textbook_loop_in_float64():
         Wd[:, i + 1 :] -= ((Wd[:, i] - q) / U[i, i]).unsqueeze(1) * U[i, i + 1 :].unsqueeze(0)
     ours = sparsegpt_on(X.float(), 48).quantize_many([W], [pruned], scheme, actorder=False)[0]
     assert (ours.weight.double() - out).abs().max() < 1e-4, (ours.weight.double() - out).abs().max()
+
+
+def test_eval_and_convert_read_a_quantized_checkpoint(tiny_model_dir, text_file, tmp_path):
+    assert prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "q", "--pattern", "2:4", "--quantize", "w4a16",
+                     "--group-size", "32", "--asymmetric").exit_code == 0
+    converted = runner.invoke(app, ["convert", str(tmp_path / "q"), "--format", "dense", "--out", str(tmp_path / "d")])
+    assert converted.exit_code == 0, converted.output
+    a, b = llmprune.load(str(tmp_path / "q"))[0].state_dict(), llmprune.load(str(tmp_path / "d"))[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "q"), str(tmp_path / "d"), "--ppl", str(text_file),
+                                    "--seqlen", "32", "--max-windows", "2", "--json", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    models = json.loads(evaluated.stdout)["models"]
+    assert models[0]["ppl"] == models[1]["ppl"]

@@ -74,7 +74,7 @@ class BlockPruner:
         self.predicted = predicted or {}  # leader name -> the other linears expected to share its input
         self.groups: dict[str, tuple[Solver, str]] = {}  # linear name -> (solver, name of the group's first linear)
         self._by_input: dict[tuple, tuple[Solver, str, Tensor]] = {}
-        self._stashed: dict[str, tuple[Solver, Tensor, float, dict | None]] = {}
+        self._stashed: dict[str, tuple] = {}  # member -> (solver, weight, seconds, DSnoT report, quant.Quantized or None)
         self._reduced: set[int] = set()  # ids of solvers whose statistics are summed over ranks
         self._solves = 0
         self.tokens: dict[str, int] = {}  # tokens each expert projection saw (on this rank until summed)
@@ -138,7 +138,7 @@ class BlockPruner:
             solver, leader = self.groups[name]
             stashed = self._stashed.pop(name, None)
             if stashed is not None and stashed[0] is solver:
-                self._finish(name, *stashed[1:3], None if leader == name else leader, stashed[3])
+                self._finish(name, *stashed[1:3], None if leader == name else leader, *stashed[3:])
                 continue
             members = [name]
             if leader == name and solver.solves_together:
@@ -165,17 +165,23 @@ class BlockPruner:
         for (name, solver, members), (W_new, (seconds, refined)) in zip(plans, solved):
             leader = self.groups[name][1]
             rows = sum(W.shape[0] for W in W_new)
-            for member, W, refine in zip(members, W_new, refined):
+            quantized = [None] * len(W_new)
+            if self.scheme is not None:  # every rank rounds every weight (deterministic: the same on each), stacked
+                started = time.perf_counter()
+                quantized = self._rounder(solver).quantize_many(W_new, [W == 0 for W in W_new], self.scheme,
+                                                                 self.scheme.actorder)
+                W_new, seconds = [q.weight for q in quantized], seconds + time.perf_counter() - started
+            for member, W, refine, q in zip(members, W_new, refined, quantized):
                 share = seconds * W.shape[0] / rows
                 if member == name:
-                    self._finish(name, W, share, None if leader == name else leader, refine)
+                    self._finish(name, W, share, None if leader == name else leader, refine, q)
                 else:
-                    self._stashed[member] = (solver, W, share, refine)
+                    self._stashed[member] = (solver, W, share, refine, q)
         for name in names:  # members solved with an earlier name of this call
             stashed = self._stashed.get(name)
             if name not in self.pruned and stashed is not None and name in planned and stashed[0] is self.groups[name][0]:
                 del self._stashed[name]
-                self._finish(name, *stashed[1:3], self.groups[name][1], stashed[3])
+                self._finish(name, *stashed[1:3], self.groups[name][1], *stashed[3:])
 
     def _fallbacks(self, plans: list) -> None:
         """Experts that saw fewer tokens than their input width are pruned by magnitude (said in the results)."""
@@ -217,13 +223,9 @@ class BlockPruner:
         W_new, refined = self._solve_slices(solver, [get_weight(self.linears[n]) for n in members], members)
         return W_new, (time.perf_counter() - started, refined)
 
-    def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None) -> None:
-        quantized = None
-        if self.scheme is not None:  # every rank rounds every weight (deterministic: the same on each)
-            started = time.perf_counter()
-            quantized = self._rounder(self.groups[name][0]).quantize_many([W_new], [W_new == 0], self.scheme,
-                                                                            self.scheme.actorder)[0]
-            W_new, seconds = quantized.weight, seconds + time.perf_counter() - started
+    def _finish(self, name: str, W_new: Tensor, seconds: float, shared_with: str | None, refine: dict | None,
+                quantized=None) -> None:
+        """Put a pruned (and, with quantized, rounded: quant.Quantized) weight into its linear and record it."""
         result = apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)
         if quantized is not None:
             attach_quantization_(self.linears[name], quantized)
