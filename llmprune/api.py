@@ -98,10 +98,10 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
 
     timings = {}
     model, tokenizer, source, shards = _load(model_or_path, tokenizer, options, dist)
-    if recipe.quant_scheme is not None:  # before any calibration: every group size fits
+    if recipe.quant_scheme is not None:  # before any calibration: every target can be quantized, every group fits
         blocks_name, blocks = models.find_blocks(model)
-        recipe.quant_scheme.check_all({n: models.in_features(m) for i, block in enumerate(blocks) for n, m in
-                                       models.find_linears(block, f"{blocks_name}.{i}", recipe.ignore, recipe.targets).items()})
+        recipe.quant_scheme.check_linears({n: m for i, block in enumerate(blocks) for n, m in models.find_linears(
+            block, f"{blocks_name}.{i}", recipe.ignore, recipe.targets, experts=True).items()})
     timings["load_s"] = time.perf_counter() - started
     seqlen, capped = plan_.capped_seqlen(recipe.seqlen, model)
     windows = None

@@ -93,6 +93,19 @@ class QuantScheme:
     def check(self, name: str, columns: int) -> None:
         self.check_all({name: columns})
 
+    def check_linears(self, linears: dict) -> None:
+        """Every target linear (name -> module, as models.find_linears gives them) one this scheme can store."""
+        from llmprune.models import ExpertProjection, in_features
+
+        for name, module in linears.items():
+            if isinstance(module, ExpertProjection):
+                raise LlmpruneError(f"{name}: quantizing fused MoE experts is not supported yet; leave them out "
+                                    "with --ignore, or prune without --quantize.")
+            if not isinstance(module, torch.nn.Linear):
+                raise LlmpruneError(f"{name} is a {type(module).__name__}, not an nn.Linear, which the pack-quantized "
+                                    "format stores; leave it out with --ignore, or prune without --quantize.")
+        self.check_all({name: in_features(module) for name, module in linears.items()})
+
     def check_all(self, inputs: dict[str, int]) -> None:
         """Every linear's input width (name -> columns) a multiple of the group size, or an error naming the first
         that is not and a group size that divides them all."""

@@ -15,7 +15,6 @@ from llmprune.calibrate.sharing import distribute, rows_shareable, solve_rows
 from llmprune.distributed import SINGLE, Dist
 from llmprune.masks import Pattern
 from llmprune.models import ExpertProjection, expert_hidden, get_weight, in_features, routing, set_weight_
-from llmprune.errors import LlmpruneError
 from llmprune.quant import attach_quantization_
 from llmprune.solvers import Solver, make_solver
 from llmprune.solvers.sparsegpt import SparseGPTSolver
@@ -60,14 +59,7 @@ class BlockPruner:
         self.refine, self.solver_options = refine, solver_options or {}
         self.scheme = quantize  # a quant.QuantScheme: every pruned weight then rounded by GPTQ, keeping its zeros
         if quantize is not None:
-            for name, module in linears.items():
-                if isinstance(module, ExpertProjection):
-                    raise LlmpruneError(f"{name}: quantizing fused MoE experts is not supported yet; leave them out "
-                                        "with --ignore, or prune without --quantize.")
-                if not isinstance(module, nn.Linear):
-                    raise LlmpruneError(f"{name} is a {type(module).__name__}, not an nn.Linear, which the pack-quantized "
-                                        "format stores; leave it out with --ignore, or prune without --quantize.")
-                quantize.check(name, in_features(module))
+            quantize.check_linears(linears)
         self._rounders: dict[int, SparseGPTSolver] = {}  # solver id -> GPTQ's statistics, where the solver keeps none
         self.method, self.sparsity_of, self.pattern, self.device = method, sparsity_of, pattern, device
         self.dist, self.first_window = dist, first_window
