@@ -54,7 +54,7 @@ def prune(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none, w4a16 or w8a16: round the pruned weights to int4/int8 (16-bit activations) by GPTQ from the same statistics, keeping every zero; saved in compressed-tensors' pack-quantized format, which plain transformers and vLLM load. --sparsity 0 for GPTQ alone. [default: none]"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization: inputs sharing one scale; 0 for one scale per output row. [default: 128]"),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Quantization: zero point 0, or one zero point per group. [default: symmetric]"),
-    actorder: Optional[bool] = typer.Option(None, "--actorder/--no-actorder", help="Quantization: GPTQ rounds the inputs by descending activation energy (diag XᵀX), every group's scales chosen first (llm-compressor's 'static' act order; same layout). [default: off]"),
+    actorder: Optional[bool] = typer.Option(None, "--actorder/--no-actorder", help="Quantization: GPTQ rounds the inputs by descending activation energy (diag XᵀX), every group's scales chosen first (llm-compressor's 'static' act order; same layout). [default: on for GPTQ alone (--sparsity 0), off after pruning, where it measured worse]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: c4, wikitext2 (Hub), wikitext2-valid (bundled, offline), PATH.txt or PATH.jsonl. [default: c4]"),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped at the model's max positions). [default: 2048]"),

@@ -92,6 +92,23 @@ def test_stacked_weights_quantize_as_if_alone():
     assert together[0].scale.shape == (16, 4) and together[1].zero.shape == (8, 4)
 
 
+@pytest.mark.parametrize("method,own", [("sparsegpt", True), ("alps", True), ("wanda", False), ("magnitude", False)])
+def test_gptq_rounds_with_the_solvers_own_hessian_where_it_has_one(method, own):
+    """SparseGPT and ALPS gather one fp64-summed Hessian for the solve and the rounding; Wanda and magnitude get a
+    rounder beside them (before, SparseGPT gathered a second Hessian: half of GPTQ's statistics time)."""
+    from llmprune.calibrate.pruner import BlockPruner
+
+    lin = torch.nn.Linear(32, 8, bias=False)
+    pruner = BlockPruner({"l": lin}, method, lambda name: 0.5, Pattern(), "cpu", quantize=QuantScheme(4, 16, True))
+    x = torch.randn(64, 32)
+    pruner.observe("l", x)
+    solver = pruner.groups["l"][0]
+    assert (solver.gptq() is not None) == own and (id(solver) in pruner._rounders) != own
+    rounder = pruner._rounder(solver)
+    assert rounder.tokens == 64 and (rounder.H.dtype == torch.float64) == (method != "alps")  # ALPS hands its fp64 sum as fp32
+    assert torch.allclose(rounder.hessian.triu(), (x.T @ x).triu(), atol=1e-4)
+
+
 def test_schemes_parse_and_explain_their_mistakes():
     assert parse_scheme("w4a16") == QuantScheme(4, 128, True)
     assert parse_scheme("W8A16", 0, False) == QuantScheme(8, 0, False)

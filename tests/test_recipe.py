@@ -44,6 +44,18 @@ def test_overrides_first_match_wins():
     assert recipe.sparsity_override("model.layers.3.self_attn.q_proj") is None
 
 
+@pytest.mark.parametrize("fields,actorder", [
+    ({"sparsity": 0.0}, True),  # GPTQ alone: act order by default
+    ({"sparsity": 0.5}, False), ({"pattern": "2:4", "sparsity": 0.5}, False),
+    ({"sparsity": 0.0, "overrides": ((r"mlp", 0.5),)}, False),  # something is pruned
+    ({"sparsity": 0.0, "actorder": False}, False), ({"sparsity": 0.5, "actorder": "on"}, True),
+])
+def test_act_order_is_on_for_gptq_alone_unless_asked_otherwise(fields, actorder):
+    recipe = Recipe.create(quantize="w4a16", **fields)
+    assert recipe.quant_scheme.actorder is actorder
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+
+
 def test_cli_flags_override_recipe_fields():
     recipe = load_recipe("owl-wanda-70").override(sparsity=0.6, nsamples=8)
     assert (recipe.method, recipe.sparsity, recipe.nsamples, recipe.allocation) == ("wanda", 0.6, 8, "owl")

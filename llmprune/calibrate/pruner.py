@@ -16,7 +16,7 @@ from llmprune.distributed import SINGLE, Dist
 from llmprune.masks import Pattern
 from llmprune.models import ExpertProjection, expert_hidden, get_weight, in_features, routing, set_weight_
 from llmprune.quant import attach_quantization_
-from llmprune.solvers import Solver, make_solver
+from llmprune.solvers import Solver, make_solver, solver_class
 from llmprune.solvers.sparsegpt import SparseGPTSolver
 
 FALLBACK = "magnitude"  # for experts that saw fewer calibration tokens than their input width
@@ -76,7 +76,10 @@ class BlockPruner:
         self.results: list[LinearResult] = []
 
     def _new_solver(self, columns: int) -> Solver:
-        solver = make_solver(self.method, columns, self.device, self.refine, self.first_window, self.solver_options)
+        options = self.solver_options
+        if self.scheme is not None and solver_class(self.method).exact_option:
+            options = {**options, "exact": True}  # the solve's own Hessian, fp64-summed, is the one GPTQ rounds with
+        solver = make_solver(self.method, columns, self.device, self.refine, self.first_window, options)
         if self.scheme is not None and solver.gptq() is None:
             self._rounders[id(solver)] = SparseGPTSolver(columns, torch.device(self.device), exact=True)
         return solver

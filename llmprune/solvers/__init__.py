@@ -31,12 +31,15 @@ class Solver:
     gptq(): the SparseGPT statistics that GPTQ rounds this solver's weights with (quant.py), where the solver keeps
     them summed exactly (fp64: GPTQ's roundings must not depend on how batches were grouped); None otherwise (the
     caller then gathers its own).
+    exact_option: whether the constructor takes `exact=True`, keeping the statistics fp64-summed so that gptq()
+    returns them (one Hessian for the solve and the rounding, not a second one gathered beside it).
     """
 
     needs_data: ClassVar[bool] = True
     solves_together: ClassVar[bool] = False
     selects_across_rows: ClassVar[bool] = False
     takes_squares: ClassVar[bool] = False
+    exact_option: ClassVar[bool] = False
     hessian: Tensor | None = None
 
     def add_batch(self, x: Tensor) -> None:

@@ -82,6 +82,7 @@ class SparseGPTSolver(Solver):
     # the unstructured mask of a column block is chosen over all its rows: rows can still be split (across processes)
     # when the caller passes a `select` that chooses over every row
     selects_across_rows = True
+    exact_option = True
 
     def __init__(self, columns: int, device: torch.device, blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                  exact: bool = False):
@@ -114,6 +115,9 @@ class SparseGPTSolver(Solver):
     @property
     def hessian(self) -> Tensor:
         return self.H.float()
+
+    def gptq(self) -> "SparseGPTSolver | None":
+        return self if self.H.dtype == torch.float64 else None
 
     def row_separable(self, pattern: Pattern) -> bool:
         return pattern.structured
