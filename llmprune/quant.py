@@ -41,6 +41,8 @@ from llmprune.errors import LlmpruneError
 
 SCHEMES = ("w4a16", "w8a16")
 DEFAULT_GROUP_SIZE = 128
+OBSERVERS = ("minmax", "mse")
+SHRINKS = torch.linspace(1.0, 0.81, 20).tolist()  # the mse observer's range factors (llm-compressor's MSE observer's grid)
 
 
 @dataclass
@@ -57,18 +59,23 @@ class Quantized:
 @dataclass(frozen=True)
 class QuantScheme:
     """bits: 4 or 8; group_size: inputs per scale (0: one scale per output row); symmetric: zero point 0;
-    actorder: GPTQ rounds the columns by descending diag(H), with static groups (the layout is the same)."""
+    actorder: GPTQ rounds the columns by descending diag(H), with static groups (the layout is the same);
+    observer: how a group's range is chosen: minmax (its minimum and maximum) or mse (shrunk towards 0 where that
+    lowers the group's rounding error weighted by diag(H): `clipped_qparams`)."""
 
     bits: int = 4
     group_size: int = DEFAULT_GROUP_SIZE
     symmetric: bool = True
     actorder: bool = False
+    observer: str = "minmax"
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise LlmpruneError(f"quantization to {self.bits} bits is not supported; use w4a16 or w8a16.")
         if self.group_size < 0:
             raise LlmpruneError(f"group size must be positive, or 0 for one scale per output row; got {self.group_size}.")
+        if self.observer not in OBSERVERS:
+            raise LlmpruneError(f"observer: unknown value '{self.observer}'; choose one of {', '.join(OBSERVERS)}.")
 
     @property
     def qmin(self) -> int:
@@ -84,7 +91,8 @@ class QuantScheme:
 
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per channel"
-        return f"{self.name} {group} {'symmetric' if self.symmetric else 'asymmetric'}" + (" actorder" if self.actorder else "")
+        return (f"{self.name} {group} {'symmetric' if self.symmetric else 'asymmetric'}" + (" actorder" if self.actorder else "")
+                + (f" {self.observer}" if self.observer != "minmax" else ""))
 
     def groups(self, columns: int) -> int:
         """Scales per output row of a weight with `columns` inputs."""
@@ -121,14 +129,14 @@ class QuantScheme:
 
 
 def parse_scheme(text: str, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = True,
-                 actorder: bool = False) -> QuantScheme | None:
+                 actorder: bool = False, observer: str = "minmax") -> QuantScheme | None:
     """'w4a16' / 'w8a16' -> a scheme; 'none' -> None."""
     if text in ("none", ""):
         return None
     match = re.fullmatch(r"w(\d+)a16", text.lower())
     if not match:
         raise LlmpruneError(f"quantize: unknown scheme '{text}'; choose w4a16, w8a16 or none.")
-    return QuantScheme(int(match.group(1)), group_size, symmetric, actorder)
+    return QuantScheme(int(match.group(1)), group_size, symmetric, actorder, observer)
 
 
 def qparams(lo: Tensor, hi: Tensor, scheme: QuantScheme, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -146,6 +154,30 @@ def qparams(lo: Tensor, hi: Tensor, scheme: QuantScheme, dtype: torch.dtype = to
     else:
         zero = torch.round((scheme.qmin - lo / scale).clamp(scheme.qmin, scheme.qmax))
     return scale, zero
+
+
+def clipped_qparams(block: Tensor, importance: Tensor, scheme: QuantScheme,
+                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point) of groups block [..., g, rows] (a group's inputs along dim −2, one group per row): the
+    range [min, max] shrunk by the factor in SHRINKS that gives each row the least Σ_j importance_j · (w_j − ŵ_j)²
+    (importance [..., g]: diag(H), the inputs' energy), so that a few large weights stop coarsening the grid of the
+    rest. The factors are llm-compressor's MSE observer's; weighting by diag(H) (its observer weighs every input
+    alike) aims at the layer's output error, GPTQ's objective. A pruned 0 is still exact: any range spans 0."""
+    lo, hi = block.amin(-2), block.amax(-2)
+    weight = importance.unsqueeze(-1)
+    best = best_err = None
+    for shrink in SHRINKS:
+        s, z = qparams(lo * shrink, hi * shrink, scheme, dtype)
+        sb, zb = s.unsqueeze(-2), z.unsqueeze(-2)
+        rounded = (torch.round(block / sb) + zb).clamp_(scheme.qmin, scheme.qmax).sub_(zb).mul_(sb)
+        err = (rounded.sub_(block).square_().mul_(weight)).sum(-2)
+        if best is None:
+            best, best_err = [s, z], err
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = [torch.where(better, s, best[0]), torch.where(better, z, best[1])]
+    return best[0], best[1]
 
 
 def weight_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
@@ -180,8 +212,10 @@ class ColumnQuantizer:
     the error of those before (GPTQ's `static_groups=False`, its default). Pruned positions, given as a float mask
     (1 kept), round to 0."""
 
-    def __init__(self, scheme: QuantScheme, columns: int, rows: int, device, dtype: torch.dtype = torch.float32):
+    def __init__(self, scheme: QuantScheme, columns: int, rows: int, device, dtype: torch.dtype = torch.float32,
+                 importance: Tensor | None = None):
         self.scheme, self.dtype = scheme, dtype
+        self.importance = importance  # diag(H) [columns], inputs in WT's order: the mse observer's weights
         self.g = scheme.group_size or columns
         groups = -(-columns // self.g)
         self.scale = torch.empty(rows, groups, device=device)
@@ -191,7 +225,10 @@ class ColumnQuantizer:
     def start_group(self, WT: Tensor, i: int) -> None:
         """Choose the scales of the group whose first column is i from WT's rows i : i + group."""
         block = WT[i : i + self.g]
-        s, z = qparams(block.amin(0), block.amax(0), self.scheme, self.dtype)
+        if self.scheme.observer == "mse":
+            s, z = clipped_qparams(block, self._importance(i, block.shape[0], block.device), self.scheme, self.dtype)
+        else:
+            s, z = qparams(block.amin(0), block.amax(0), self.scheme, self.dtype)
         k = i // self.g
         self.scale[:, k], self.zero[:, k] = s, z
         self._s, self._z = s, z
@@ -199,10 +236,19 @@ class ColumnQuantizer:
     def choose_all(self, WT: Tensor) -> None:
         """Choose every group's scales at once from WT ([in, out], the inputs in their own order): static groups."""
         groups = WT.reshape(self.scale.shape[1], self.g, WT.shape[1])
-        s, z = qparams(groups.amin(1), groups.amax(1), self.scheme, self.dtype)  # [groups, out]
+        if self.scheme.observer == "mse":
+            importance = self._importance(0, WT.shape[0], WT.device).reshape(self.scale.shape[1], self.g)
+            s, z = clipped_qparams(groups, importance, self.scheme, self.dtype)
+        else:
+            s, z = qparams(groups.amin(1), groups.amax(1), self.scheme, self.dtype)  # [groups, out]
         self.scale.copy_(s.T)
         self.zero.copy_(z.T)
         self._static = (s.contiguous(), z.contiguous())
+
+    def _importance(self, i: int, count: int, device) -> Tensor:
+        if self.importance is None:
+            return torch.ones(count, device=device)
+        return self.importance[i : i + count].float()
 
     def use_group(self, k: int) -> None:
         """Round the next columns with the (static) scales of group k."""

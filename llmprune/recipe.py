@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmprune.errors import LlmpruneError
 from llmprune.masks import Pattern, check_sparsity, parse_pattern
-from llmprune.quant import SCHEMES, parse_scheme
+from llmprune.quant import OBSERVERS, SCHEMES, parse_scheme
 from llmprune.solvers import SOLVERS, needs_data
 
 RECIPE_VERSION = 1
@@ -43,6 +43,9 @@ class Recipe:
     # for GPTQ alone, where it measured better, off after pruning, where it measured worse; README "Sparse and
     # quantized against llm-compressor"); true/false read as on/off
     actorder: str = "auto"
+    # quantization: a group's range shrunk where that lowers its weighted rounding error (mse: quant.clipped_qparams;
+    # measured better than min/max on SmolLM2, README), or from its min and max (minmax, compressed-tensors' default)
+    observer: str = "mse"
     targets: tuple[str, ...] = ()  # regexes on full linear names to prune (empty: every linear of every block)
     ignore: tuple[str, ...] = ()  # regexes on full linear names left dense
     overrides: tuple[tuple[str, float], ...] = ()  # (regex, sparsity): the first match sets a linear's sparsity
@@ -72,6 +75,7 @@ class Recipe:
         _choice("refine", self.refine, REFINERS)
         _choice("alps_budget", self.alps_budget, ALPS_BUDGETS)
         _choice("actorder", self.actorder, ACTORDERS)
+        _choice("observer", self.observer, OBSERVERS)
         if self.alps_budget != "layer" and self.method != "alps":
             raise LlmpruneError(f"alps_budget: {self.alps_budget} applies to --method alps only (method is {self.method}); "
                                 "drop it or use --method alps.")
@@ -134,7 +138,7 @@ class Recipe:
     @property
     def quant_scheme(self):
         """The quantization scheme (quant.QuantScheme), or None without quantization."""
-        return parse_scheme(self.quantize, self.group_size, self.symmetric, self.gptq_actorder)
+        return parse_scheme(self.quantize, self.group_size, self.symmetric, self.gptq_actorder, self.observer)
 
     @property
     def gptq_actorder(self) -> bool:

@@ -10,7 +10,7 @@ from llmprune.solvers import make_solver
 from test_solvers import layer_error, realistic_inputs
 
 SCHEMES = [QuantScheme(4, 16, True), QuantScheme(4, 16, False), QuantScheme(8, 0, True), QuantScheme(8, 32, False),
-           QuantScheme(4, 0, False)]
+           QuantScheme(4, 0, False), QuantScheme(4, 16, True, observer="mse"), QuantScheme(4, 16, False, observer="mse")]
 
 
 def sparsegpt_on(X, columns):
@@ -60,7 +60,8 @@ def test_gptq_beats_round_to_nearest_and_stays_on_the_grid(scheme):
 
 
 @pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)])
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, True), QuantScheme(8, 0, False)], ids=str)
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, True), QuantScheme(8, 0, False),
+                                    QuantScheme(4, 16, False, observer="mse")], ids=str)
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "alps", "magnitude"])
 def test_gptq_after_any_solver_keeps_its_zeros_exactly(method, pattern, sparsity, scheme):
     X = realistic_inputs(2048, 64)
@@ -90,6 +91,36 @@ def test_stacked_weights_quantize_as_if_alone():
     alone = solver.quantize_many([Wk], [Wk == 0], scheme)[0]
     assert (together[1].weight - alone.weight).abs().max() < 1e-5
     assert together[0].scale.shape == (16, 4) and together[1].zero.shape == (8, 4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_mse_observer_never_rounds_a_group_worse_and_helps_gptq_after_2of4(symmetric):
+    from llmprune.quant import clipped_qparams, qparams
+
+    g = torch.Generator().manual_seed(6)
+    block = torch.randn(16, 40, generator=g) * (1 + 6 * (torch.rand(16, 40, generator=g) < 0.03))  # a few outliers
+    block[block.abs() < 0.3] = 0  # pruned
+    importance = torch.rand(16, generator=g) + 0.1
+    scheme = QuantScheme(4, 16, symmetric, observer="mse")
+
+    def error(s, z):
+        q = (torch.round(block / s) + z).clamp(scheme.qmin, scheme.qmax)
+        return (((q - z) * s - block).square() * importance[:, None]).sum(0), (q - z) * s
+
+    clipped, rounded = error(*clipped_qparams(block, importance, scheme))
+    plain, _ = error(*qparams(block.amin(0), block.amax(0), scheme))
+    assert (clipped <= plain + 1e-6).all() and (clipped < 0.95 * plain).any()  # the full range is one of the choices
+    assert torch.equal(rounded[block == 0], torch.zeros(int((block == 0).sum())))  # a pruned 0 stays exact
+    X = realistic_inputs(2048, 64)
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(7))
+    solver = sparsegpt_on(X, 64)
+    pruned = solver.prune(W, 0.5, Pattern(2, 4))
+    errors = {obs: layer_error(pruned, solver.quantize_many([pruned], [pruned == 0],
+                                                               QuantScheme(4, 16, symmetric, observer=obs))[0].weight, X)
+              for obs in ("minmax", "mse")}
+    assert errors["mse"] < 0.9 * errors["minmax"]
+    with pytest.raises(LlmpruneError, match="observer: unknown value 'max'; choose one of minmax, mse"):
+        QuantScheme(observer="max")
 
 
 @pytest.mark.parametrize("method,own", [("sparsegpt", True), ("alps", True), ("wanda", False), ("magnitude", False)])
@@ -130,6 +161,7 @@ import llmprune  # noqa: E402
 from llmprune import api  # noqa: E402
 from llmprune.cli.app import app  # noqa: E402
 from llmprune.masks import pattern_holds  # noqa: E402
+from llmprune.recipe import load_recipe  # noqa: E402
 
 runner = CliRunner()
 
@@ -157,7 +189,7 @@ def test_every_solver_and_pattern_keeps_its_zeros_through_gptq(tiny_model_dir, t
     assert plain.exit_code == 0 and quantized.exit_code == 0, quantized.output
     report = json.loads(quantized.stdout)
     assert report["format"] == "pack-quantized" and report["sizes"]["linear_stored_bytes"] < 0.2 * report["sizes"]["linear_dense_bytes"]
-    assert all(r["quantized"] == "w4a16 g32 symmetric" for r in report["linears"])
+    assert all(r["quantized"] == "w4a16 g32 symmetric mse" for r in report["linears"])
     before, after = linears_of(tmp_path / "plain"), linears_of(tmp_path / "q")
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
         assert bool(((before[name] == 0) <= (after[name] == 0)).all()), name
@@ -215,6 +247,11 @@ def test_gptq_alone_at_sparsity_zero(tiny_model_dir, text_file, tmp_path):
     data = json.loads(info.stdout)
     assert data["quantization"]["scheme"] == "w8a16 per channel symmetric"
     assert 8 < data["quantization"]["bits_per_weight"] < 8.6 and data["quantization"]["sparsity_kept"] < 0.05
+    result = prune_cli(tiny_model_dir("llama"), text_file, tmp_path / "mse", "--sparsity", "0", "--quantize", "w4a16",
+                       "--group-size", "16", "--observer", "mse")
+    assert result.exit_code == 0, result.output
+    assert {r["quantized"] for r in json.loads(result.stdout)["linears"]} == {"w4a16 g16 symmetric actorder mse"}
+    assert load_recipe(tmp_path / "mse" / "recipe.yaml").observer == "mse"
 
 
 @pytest.mark.parametrize("fmt", ["compressed", "dense"])

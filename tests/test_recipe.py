@@ -54,6 +54,7 @@ def test_act_order_is_on_for_gptq_alone_unless_asked_otherwise(fields, actorder)
     recipe = Recipe.create(quantize="w4a16", **fields)
     assert recipe.quant_scheme.actorder is actorder
     assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    assert Recipe.create(quantize="w4a16", observer="mse", **fields).quant_scheme.observer == "mse"
 
 
 def test_cli_flags_override_recipe_fields():
@@ -79,6 +80,8 @@ def test_cli_flags_override_recipe_fields():
     ("method: alps\nalps_budget: rows\n", ["alps_budget: unknown value 'rows'", "layer"]),
     ("method: wanda\nalps_budget: row\n", ["alps_budget: row applies to --method alps only"]),
     ("version: 9\n", ["recipe version 9"]),
+    ("quantize: w4a16\nactorder: maybe\n", ["actorder: unknown value 'maybe'", "auto, on, off"]),
+    ("quantize: w4a16\nobserver: max\n", ["observer: unknown value 'max'", "minmax, mse"]),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, fragments):
     path = tmp_path / "bad.yaml"

@@ -187,7 +187,8 @@ class SparseGPTSolver(Solver):
         WT[dead] = 0
         cols = WT.shape[0]
         fixed = None if masks is None else _stack(masks)[0].bool()
-        quantizer = None if scheme is None else ColumnQuantizer(scheme, cols, WT.shape[1], WT.device, weights[0].dtype)
+        quantizer = None if scheme is None else ColumnQuantizer(scheme, cols, WT.shape[1], WT.device, weights[0].dtype,
+                                                                torch.diagonal(self.H).float())
         group_of = None  # with an order: the group of each input as reached, whose scales are chosen beforehand
         if perm is not None:
             quantizer.choose_all(WT)
