@@ -101,6 +101,8 @@ def main() -> None:
                     help="the Python of an environment with llm-compressor (see eval/llmcompressor_run.py): adds its "
                          "oneshot run (sequential pipeline, the same calibration tokens) beside each uniform SparseGPT or "
                          "Wanda run without DSnoT")
+    ap.add_argument("--llmcompressor-quantized-only", action="store_true",
+                    help="with --llmcompressor: its runs beside the quantized runs (+w4a16, +w8a16) only")
     ap.add_argument("--seeds", default="0", help="comma-separated calibration seeds: each run is repeated for each, and "
                     "the summary gives every cell's mean and range (the reference harness samples with seed 0 only)")
     ap.add_argument("--group-size", type=int, default=64,
@@ -192,7 +194,8 @@ def main() -> None:
             ref = json.loads(out.strip().splitlines()[-1])
             row.update(ref_ppl=ref["ppl"], ref_prune_s=ref["prune_s"], ref_peak_rss_mib=rss)
         if (args.llmcompressor and method in ("sparsegpt", "wanda") and schedule != "two-pass"
-                and row["allocation"] == "uniform" and row["refine"] == "none" and seed == 0):
+                and row["allocation"] == "uniform" and row["refine"] == "none" and seed == 0
+                and (quantize != "none" or not args.llmcompressor_quantized_only)):
             lc_dir = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}-{sparsity:g}-{quantize}"
             lc_method, lc_extra = method, []
             if quantize != "none":  # GPTQModifier alone at sparsity 0, else llm-compressor's SparseGPT then GPTQ

@@ -488,6 +488,23 @@ def _quantized_entries(name: str, W: Tensor, scale: Tensor, zero: Tensor, scheme
     return [(f"{name}.{part}", t) for part, t in quant.pack_quantized(W, scale, zero, scheme).items()]
 
 
+def expert_entries(split: dict[str, Tensor], W: Tensor, scale: Tensor, zero: Tensor,
+                   transposed: bool) -> dict[str, Tensor]:
+    """A quantized fused experts parameter W as the linears transformers stores it as (`split`: the reverse
+    conversion's stored name -> tensor), each with the rows of the experts' scale and zero point buffers ([experts,
+    out, groups]) it holds: `P.weight`, `P.weight_scale`, `P.weight_zero_point` per expert projection P, as a
+    quantized nn.Linear's state dict holds them, to be packed like one. Transformers' compressed-tensors loader
+    expands such per-expert tensors and fuses them when it loads the model."""
+    from llmprune import quant
+
+    out = {}
+    for key, (e, r) in quant.split_expert_rows(W, split, transposed).items():
+        stem, rows = key[: -len(".weight")], slice(r, r + split[key].shape[0])
+        out[key] = split[key].contiguous()
+        out[f"{stem}.{quant.SCALE}"], out[f"{stem}.{quant.ZERO}"] = scale[e, rows].contiguous(), zero[e, rows].contiguous()
+    return out
+
+
 def _declare_quantized(directory: Path, scheme, quantized: set[str], linears: set[str], zeros: int, total: int,
                        structure: str) -> None:
     from llmprune import quant
@@ -503,11 +520,16 @@ def save_quantized(model, directory: Path, scheme, *, dense: bool = False, struc
     """Write a model whose quantized linears hold ŵ and their quant.SCALE / quant.ZERO buffers: in compressed-tensors'
     pack-quantized layout (the scales in the model's dtype; returns what save_compressed_directly returns), or dense
     (ŵ stored, the buffers left out; returns None)."""
-    from llmprune import quant
+    from llmprune import models, quant
 
     state = model.state_dict()
-    names = sorted(quant.quantized_modules(state))
     sizes, zeros, total = {}, 0, 0
+    for param_name in sorted(quant.quantized_expert_params(state)):  # fused experts: stored per expert projection
+        W = state.pop(param_name).detach()
+        scale, zero = state.pop(f"{param_name}_{quant.SCALE}"), state.pop(f"{param_name}_{quant.ZERO}")
+        experts = model.get_submodule(param_name.rpartition(".")[0])
+        state.update(expert_entries(models.stored_split(model, param_name, W), W, scale, zero, experts.is_transposed))
+    names = sorted(quant.quantized_modules(state))
     for name in names:
         W = state.pop(f"{name}.weight").detach()
         scale, zero = state.pop(f"{name}.{quant.SCALE}"), state.pop(f"{name}.{quant.ZERO}")

@@ -419,6 +419,16 @@ def in_features(module: nn.Module | ExpertProjection) -> int:
     return get_weight(module).shape[1]
 
 
+def stored_split(model: nn.Module, param_name: str, tensor: Tensor) -> dict[str, Tensor]:
+    """The tensors save_pretrained stores a parameter's value as: {its name: tensor}, or, for a parameter transformers
+    fuses when loading (MoE experts), the per-expert tensors its reverse conversion splits it into."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {param_name: tensor}
+    return dict(revert_weight_conversion(model, {param_name: tensor}))
+
+
 def stored_names(model: nn.Module, param_name: str) -> list[str]:
     """The names save_pretrained stores a parameter under: itself, or, for a parameter transformers fuses when
     loading (MoE experts), the per-expert tensors its reverse conversion splits it into."""

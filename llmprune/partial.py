@@ -23,7 +23,7 @@ from llmprune.distributed import SINGLE, Dist
 from llmprune.errors import LlmpruneError
 from llmprune.models import find_blocks
 from llmprune.plan import CHECKPOINT_SECONDS
-from llmprune.quant import SCALE, ZERO, quantized_modules
+from llmprune.quant import SCALE, ZERO, quantized_expert_params, quantized_modules
 from llmprune.shards import ShardSource
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,11 @@ class PartialRun(BlockStore):
                 module = block.get_submodule(name)
                 for key in (SCALE, ZERO):
                     module.register_buffer(key, torch.empty_like(state[f"{name}.{key}"]), persistent=True)
+            for name in quantized_expert_params(state):  # and a quantized experts module's
+                experts, _, param = name.rpartition(".")
+                for key in (SCALE, ZERO):
+                    block.get_submodule(experts).register_buffer(f"{param}_{key}", torch.empty_like(state[f"{name}_{key}"]),
+                                                                 persistent=True)
             block.load_state_dict(state, strict=True)
         except (SafetensorError, OSError, RuntimeError, AttributeError, KeyError) as exc:
             raise self._corrupt(f"block {index}: {str(exc).splitlines()[0]}") from None
@@ -239,10 +244,19 @@ class PartialRun(BlockStore):
                 shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
                 with safe_open(str(self._block_file(i)), framework="pt") as handle:
                     names = list(handle.keys())
+                    experts = quantized_expert_params(names)  # quantized fused experts: stored per expert projection
+                    buffers = {f"{name}_{part}" for name in experts for part in (SCALE, ZERO)}
                     entries = [(source.key_of.get(name, name), *source.header(handle, name),
-                                lambda name=name: handle.get_tensor(name)) for name in names if name not in source.converted]
+                                lambda name=name: handle.get_tensor(name)) for name in names
+                               if name not in source.converted and name not in buffers]
                     # fused parameters go back to the stored per-expert tensors (one block's worth in memory)
-                    split = source.unfuse({name: handle.get_tensor(name) for name in names if name in source.converted})
+                    split = source.unfuse({name: handle.get_tensor(name) for name in names
+                                           if name in source.converted and name not in experts})
+                    for name in sorted(experts):
+                        W = handle.get_tensor(name)
+                        split.update(checkpoint.expert_entries(
+                            source.unfuse({name: W}), W, handle.get_tensor(f"{name}_{SCALE}"),
+                            handle.get_tensor(f"{name}_{ZERO}"), self.model.get_submodule(name.rpartition(".")[0]).is_transposed))
                     entries += [(key, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()) for key, t in split.items()]
                     write_tensors(tmp / shard, entries, {"format": "pt"})
                     del split

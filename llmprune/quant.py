@@ -107,8 +107,11 @@ class QuantScheme:
 
         for name, module in linears.items():
             if isinstance(module, ExpertProjection):
-                raise LlmpruneError(f"{name}: quantizing fused MoE experts is not supported yet; leave them out "
-                                    "with --ignore, or prune without --quantize.")
+                if not self.symmetric:
+                    raise LlmpruneError(f"{name}: asymmetric quantization of MoE experts would not load (transformers "
+                                        "expands stored experts without their zero points); drop --asymmetric, or leave "
+                                        "the experts out with --ignore.")
+                continue
             if not isinstance(module, torch.nn.Linear):
                 raise LlmpruneError(f"{name} is a {type(module).__name__}, not an nn.Linear, which the pack-quantized "
                                     "format stores; leave it out with --ignore, or prune without --quantize.")
@@ -206,6 +209,13 @@ def round_to_nearest(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor, Te
     return dequantize(quantize(W, scale, zero, scheme), scale, zero, W.dtype), scale, zero
 
 
+def rounded_to_nearest(W: Tensor, scheme: QuantScheme) -> Quantized:
+    """W rounded to nearest on the scheme's grid (each group's min/max range) as a Quantized: for a weight without the
+    statistics GPTQ needs (an expert that saw fewer calibration tokens than its inputs). Zeros stay zeros."""
+    W_hat, scale, zero = round_to_nearest(W, scheme)
+    return Quantized(W_hat, quantize(W_hat, scale, zero, scheme), scale, zero)
+
+
 class ColumnQuantizer:
     """Rounds the columns of a weight kept transposed (WT: [in, out], a column of W is a contiguous row), one at a
     time, GPTQ's way: a group's scales are chosen when its first column is reached, from the columns as updated by
@@ -275,6 +285,46 @@ def attach_quantization_(module: torch.nn.Module, quantized: Quantized) -> None:
     partial run saves, what the writer packs) carries them; its weight already holds ŵ."""
     for name, value in ((SCALE, quantized.scale), (ZERO, quantized.zero)):
         module.register_buffer(name, value.to(module.weight.device), persistent=True)
+
+
+def attach_expert_quantization_(experts: torch.nn.Module, param: str, index: int, quantized: Quantized) -> None:
+    """An expert projection's scales and zero points, kept on its fused experts module as buffers `{param}_weight_scale`
+    / `{param}_weight_zero_point` ([experts, out, groups], fp32), row `index` filled."""
+    for part, value in ((SCALE, quantized.scale), (ZERO, quantized.zero)):
+        name = f"{param}_{part}"
+        buffer = getattr(experts, name, None)
+        if buffer is None:
+            buffer = torch.zeros(experts.num_experts, *value.shape, device=value.device)
+            experts.register_buffer(name, buffer, persistent=True)
+        buffer[index] = value.to(buffer.device)
+
+
+def quantized_expert_params(state_keys) -> set[str]:
+    """Names of the fused experts parameters (`EXPERTS.gate_up_proj`) whose quantization parameters appear among these
+    state-dict keys."""
+    suffix = "_" + SCALE
+    return {k[: -len(suffix)] for k in state_keys if k.endswith(suffix)}
+
+
+def expert_index(stored_name: str) -> int:
+    """The expert a per-expert stored tensor belongs to (`...experts.3.w1.weight` -> 3): its last integer component."""
+    return int([part for part in stored_name.split(".") if part.isdigit()][-1])
+
+
+def split_expert_rows(W: Tensor, split: dict[str, Tensor], transposed: bool) -> dict[str, tuple[int, int]]:
+    """Where each per-expert tensor a fused parameter is stored as (`split`: stored name -> [rows, in], from
+    transformers' reverse conversion) lies in it: stored name -> (expert, first row of that expert's [out, in] view).
+    Found by value, so no assumption is made about how the conversion orders gate and up."""
+    found = {}
+    for key, T in split.items():
+        e = expert_index(key)
+        view = W[e].t() if transposed else W[e]
+        rows = T.shape[0]
+        starts = [r for r in range(0, view.shape[0] - rows + 1, rows) if torch.equal(view[r : r + rows], T.to(view.dtype))]
+        if T.dim() != 2 or not starts:
+            raise ValueError(f"{key} is not a block of rows of expert {e} of its fused parameter")
+        found[key] = (e, starts[0])
+    return found
 
 
 def quantized_modules(state_keys) -> set[str]:

@@ -166,7 +166,9 @@ def test_expert_statistics_are_those_of_the_routed_tokens():
         torch.testing.assert_close(captured[name][0], norms, rtol=1e-5, atol=1e-6)
 
 
-def test_an_expert_without_tokens_falls_back_and_is_reported(text_file, tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "w4a16"])
+def test_an_expert_without_tokens_falls_back_and_is_reported(text_file, tmp_path, quantize):
+    """Pruned by magnitude and, quantized, rounded to nearest: GPTQ without tokens would zero the whole expert."""
     from transformers import AutoModelForCausalLM
 
     model = moe_model("qwen3_moe")
@@ -182,12 +184,14 @@ def test_an_expert_without_tokens_falls_back_and_is_reported(text_file, tmp_path
     for layer in model.model.layers:
         layer.mlp.gate.register_forward_hook(never_three)
     _, report = api.prune(model, tokenizer=byte_tokenizer(), method="sparsegpt", sparsity=0.5, calibration=str(text_file),
-                          nsamples=8, seqlen=32, device="cpu", out=tmp_path / "out", format="dense")
+                          nsamples=8, seqlen=32, device="cpu", out=tmp_path / "out", format="dense", quantize=quantize,
+                          group_size=16)
     rows = {row["name"]: row for row in report["linears"]}
     for layer in range(2):
         for param in ("gate_up_proj", "down_proj"):
             row = rows[f"model.layers.{layer}.mlp.experts.{param}.3"]
-            assert row["tokens"] == 0 and row["fallback"] == "magnitude" and row["sparsity"] == pytest.approx(0.5)
+            assert row["tokens"] == 0 and row["fallback"] == "magnitude"
+            assert row["sparsity"] == pytest.approx(0.5) if quantize == "none" else 0.5 <= row["sparsity"] < 0.6
             assert rows[f"model.layers.{layer}.mlp.experts.{param}.0"]["fallback"] is None
             assert rows[f"model.layers.{layer}.mlp.experts.{param}.0"]["tokens"] > 64
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -253,6 +257,53 @@ def test_streamed_moe_equals_in_memory(tmp_path, text_file, family, method, patt
             assert (W == 0).float().mean().item() == pytest.approx(0.5)
     logits = model(torch.randint(0, VOCAB, (1, 16))).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_experts_are_stored_per_expert_and_stream_the_same(family, text_file, tmp_path):
+    """GPTQ rounds every expert projection from its own routed tokens, keeping 2:4; the checkpoint stores each as a
+    pack-quantized linear under the per-expert name transformers converts (as llm-compressor's MoE checkpoints do),
+    streamed and in memory alike, and llmprune.load gives the weights bit for bit."""
+    from conftest import byte_tokenizer
+    from test_streaming import assert_same
+
+    from llmprune.checkpoint import read_state_dict
+    from llmprune.masks import Pattern
+
+    source = tmp_path / "src"
+    moe_model(family).save_pretrained(source, max_shard_size="100KB")
+    byte_tokenizer().save_pretrained(source)
+    outs, models = {}, {}
+    for stream in (False, True):
+        outs[stream] = tmp_path / f"out-{stream}"
+        models[stream], report = api.prune(str(source), method="sparsegpt", pattern="2:4", calibration=str(text_file),
+                                           nsamples=8, seqlen=32, device="cpu", out=outs[stream], stream=stream,
+                                           quantize="w4a16", group_size=16)
+        assert {r["quantized"] for r in report["linears"]} == {"w4a16 g16 symmetric mse"}
+    assert_same(outs[False], outs[True])
+    raw = read_state_dict(outs[False], "dense")  # the names as stored
+    packed = {k[: -len(".weight_packed")] for k in raw if k.endswith(".weight_packed")}
+    per_expert = {k for k in packed if ".experts." in k}
+    assert len(per_expert) == 2 * 4 * 3 and not any(k.endswith(("gate_up_proj", "_weight_scale")) for k in raw)
+    loaded, _, _ = load_model(str(outs[False]))
+    for a, b in zip(experts_of(loaded), experts_of(models[False]), strict=True):
+        assert torch.equal(a.gate_up_proj, b.gate_up_proj) and torch.equal(a.down_proj, b.down_proj)
+        for e in range(a.num_experts):
+            assert pattern_holds(ExpertProjection(a, "gate_up_proj", e, "").weight_view, Pattern(2, 4))
+    ids = torch.randint(0, VOCAB, (1, 16))
+    torch.testing.assert_close(loaded(ids).logits, models[False](ids).logits)
+    api.prune(str(source), method="sparsegpt", pattern="2:4", calibration=str(text_file), nsamples=8, seqlen=32,
+              device="cpu", out=tmp_path / "dense", quantize="w4a16", group_size=16, format="dense")
+    dense, _, _ = load_model(str(tmp_path / "dense"))  # ŵ as plain per-expert weights
+    for a, b in zip(experts_of(dense), experts_of(models[False]), strict=True):
+        assert torch.equal(a.gate_up_proj, b.gate_up_proj) and torch.equal(a.down_proj, b.down_proj)
+
+
+def test_asymmetric_experts_are_a_one_line_error(text_file, tmp_path, moe_dir):
+    with pytest.raises(LlmpruneError, match="asymmetric quantization of MoE experts would not load.*--asymmetric"):
+        api.prune(str(moe_dir("mixtral")), method="wanda", calibration=str(text_file), nsamples=4, seqlen=32,
+                  device="cpu", out=tmp_path / "o", quantize="w4a16", group_size=16, symmetric=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_streamed_moe_reads_one_block_at_a_time(tmp_path, text_file, monkeypatch):

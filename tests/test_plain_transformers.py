@@ -134,6 +134,8 @@ def outputs(tmp_path_factory):
         "w8 asym": ("llama", "--quantize", "w8a16", "--group-size", "0", "--asymmetric", "--sparsity", "0"),
         "bf16 w8 2:4": ("bf16", "--quantize", "w8a16", "--pattern", "2:4", "--group-size", "32"),
         "bf16 w4 asym 2:4": ("bf16", "--quantize", "w4a16", "--pattern", "2:4", "--group-size", "16", "--asymmetric"),
+        # fused experts, stored one pack-quantized linear per expert projection
+        "moe w4 2:4": ("mixtral", "--quantize", "w4a16", "--pattern", "2:4", "--group-size", "16"),
     }
     return {kind: prune(sources[source], text, root / kind.replace(" ", "-").replace(":", "of"), *extra)
             for kind, (source, *extra) in kinds.items()}
@@ -146,7 +148,7 @@ def check(rows, outputs, kinds, *, loads: set[str]):
         if kind in loads:
             assert row["loaded"], (kind, row.get("error"))
             weights, logits = expected(outputs[kind])
-            if kind in QUANTIZED:  # transformers keeps weight_scale and weight_shape beside the decompressed weight
+            if kind in QUANTIZED + MOE_QUANTIZED:  # transformers keeps weight_scale and weight_shape beside the decompressed weight
                 row["weights"] = {k: v for k, v in row["weights"].items() if k in weights}
             assert row["weights"] == weights, kind  # bit for bit
             torch.testing.assert_close(torch.tensor(row["logits"]), logits, rtol=1e-4, atol=1e-4)
@@ -158,12 +160,13 @@ def check(rows, outputs, kinds, *, loads: set[str]):
 
 KINDS = ["dense", "bitmask", "2:4", "bf16 2:4", "streamed", "moe", "moe dense"]
 QUANTIZED = ["w4", "w4 2:4", "w8 asym", "bf16 w8 2:4", "bf16 w4 asym 2:4"]
+MOE_QUANTIZED = ["moe w4 2:4"]
 
 
 def test_current_release_without_llmprune(current_env, outputs):
-    rows = plain_load(current_env, [outputs[k] for k in KINDS + QUANTIZED])
+    rows = plain_load(current_env, [outputs[k] for k in KINDS + QUANTIZED + MOE_QUANTIZED])
     assert rows and rows[0]["compressed_tensors"] is not None and rows[0]["llmprune"] is False
-    check(rows, outputs, KINDS + QUANTIZED, loads={"dense", "moe dense", *QUANTIZED})
+    check(rows, outputs, KINDS + QUANTIZED + MOE_QUANTIZED, loads={"dense", "moe dense", *QUANTIZED, *MOE_QUANTIZED})
 
 
 def test_quantized_outputs_keep_their_zeros_and_scales(outputs):

@@ -15,7 +15,7 @@ from llmprune.calibrate.sharing import distribute, rows_shareable, solve_rows
 from llmprune.distributed import SINGLE, Dist
 from llmprune.masks import Pattern
 from llmprune.models import ExpertProjection, expert_hidden, get_weight, in_features, routing, set_weight_
-from llmprune.quant import attach_quantization_
+from llmprune.quant import attach_expert_quantization_, attach_quantization_, rounded_to_nearest
 from llmprune.solvers import Solver, make_solver, solver_class
 from llmprune.solvers.sparsegpt import SparseGPTSolver
 
@@ -163,8 +163,11 @@ class BlockPruner:
             quantized = [None] * len(W_new)
             if self.scheme is not None:  # every rank rounds every weight (deterministic: the same on each), stacked
                 started = time.perf_counter()
-                quantized = self._rounder(solver).quantize_many(W_new, [W == 0 for W in W_new], self.scheme,
-                                                                 self.scheme.actorder)
+                if name in self.fallback:  # too few tokens for a Hessian (GPTQ would zero its dead inputs): to nearest
+                    quantized = [rounded_to_nearest(W, self.scheme) for W in W_new]
+                else:
+                    quantized = self._rounder(self.groups[name][0]).quantize_many(W_new, [W == 0 for W in W_new],
+                                                                                  self.scheme, self.scheme.actorder)
                 W_new, seconds = [q.weight for q in quantized], seconds + time.perf_counter() - started
             for member, W, refine, q in zip(members, W_new, refined, quantized):
                 share = seconds * W.shape[0] / rows
@@ -223,7 +226,11 @@ class BlockPruner:
         """Put a pruned (and, with quantized, rounded: quant.Quantized) weight into its linear and record it."""
         result = apply(name, self.linears[name], W_new, self.sparsity_of(name), seconds, shared_with)
         if quantized is not None:
-            attach_quantization_(self.linears[name], quantized)
+            module = self.linears[name]
+            if isinstance(module, ExpertProjection):
+                attach_expert_quantization_(module.experts, module.param, module.index, quantized)
+            else:
+                attach_quantization_(module, quantized)
             result.quantized = self.scheme.describe()
         result.refine = refine
         result.tokens, result.fallback = self.tokens.get(name), self.fallback.get(name)
