@@ -32,9 +32,10 @@ ISAS = ("portable", "avx2", "avx512")  # the C++ side's numbering
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_ALIGN = 64  # inputs per row are padded to this (the gather kernel reads the mask 64 bits at a time)
 VALUE_PAD = 16  # trailing zeros after the last row's values, for full-vector loads
-# 1..EXPAND_TOKENS tokens: expand in registers; up to GATHER_TOKENS (any number where at most GATHER_DENSITY of
-# the weight is kept): multiply the kept values only; beyond: row blocks expanded for torch's GEMM (measured on an
-# AMD Zen 5, 2 cores: README "CPU kernels")
+# 1..EXPAND_TOKENS tokens: expand in registers; up to GATHER_TOKENS (with AVX-512, any number where at most
+# GATHER_DENSITY of the weight is kept): multiply the kept values only; beyond: row blocks expanded for torch's GEMM
+# (measured on an AMD Zen 5 with AVX-512 and a Zen 3 with AVX2 only, 2 cores each: README "CPU kernels"; with 8-lane
+# vectors, gathering 512 tokens at 30% density ran at 0.43-0.84x dense, so there the density rule does not apply)
 EXPAND_TOKENS = 6
 GATHER_TOKENS = 128
 GATHER_DENSITY = 0.4
@@ -200,12 +201,16 @@ def _default_isa() -> str:
 # ---- calls -------------------------------------------------------------------------------------------------
 
 
-def method_for(tokens: int, density: float = 0.5) -> str:
-    """The path a call with this many tokens takes on a weight keeping `density` of its entries: 'expand',
-    'gather' or 'dense' (README, "CPU kernels", has the measurements these thresholds come from)."""
+def method_for(tokens: int, density: float = 0.5, isa: str | None = None) -> str:
+    """The path a call with this many tokens takes on a weight keeping `density` of its entries with the kernels of
+    `isa` (default: this machine's): 'expand', 'gather' or 'dense' (README, "CPU kernels", has the measurements
+    these thresholds come from)."""
     if tokens <= EXPAND_TOKENS:
         return "expand"
-    return "gather" if tokens <= GATHER_TOKENS or density <= GATHER_DENSITY else "dense"
+    if tokens <= GATHER_TOKENS:
+        return "gather"
+    sparse_gather = (isa or _default_isa()) == "avx512" and density <= GATHER_DENSITY
+    return "gather" if sparse_gather else "dense"
 
 
 def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,
@@ -222,7 +227,7 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
     tokens, rows, kp = x2.shape[0], masks.shape[0], masks.shape[1] * 8
     code = _isa(isa)
     if method is None:
-        method = method_for(tokens, density if density is not None else int(offsets[-1]) / max(1, rows * cols))
+        method = method_for(tokens, density if density is not None else int(offsets[-1]) / max(1, rows * cols), ISAS[code])
     if tokens == 0:
         y = x2.new_zeros(0, rows)
     elif method in ("dense", "expand"):
