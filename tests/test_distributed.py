@@ -101,3 +101,28 @@ def test_two_streaming_gloo_processes_share_the_experts_and_equal_one(tmp_path, 
     assert set(a) == set(b) and any(".experts." in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_two_gloo_processes_quantize_the_experts_as_one(tmp_path, text_file):
+    """GPTQ on MoE experts under torchrun: each expert's statistics summed over the ranks in fp64, every rank rounds
+    the same, the checkpoint packs each expert as one process packs it."""
+    from conftest import byte_tokenizer
+    from test_moe import moe_model
+
+    model = tmp_path / "moe"
+    moe_model("mixtral").save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    args = ["prune", str(model), "--method", "sparsegpt", "--pattern", "2:4", "--quantize", "w4a16", "--group-size", "16",
+            "--calib", str(text_file), "--nsamples", "8", "--seqlen", "64", "--microbatch", "2", "--device", "cpu"]
+    one = torchrun(1, [*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    from llmprune.checkpoint import read_state_dict
+
+    a, b = (read_state_dict(tmp_path / out, "dense") for out in ("one", "two"))  # as stored: packed per expert
+    packed = [k for k in a if ".experts." in k and k.endswith(".weight_packed")]
+    assert set(a) == set(b) and len(packed) == 2 * 4 * 3
+    for key in a:  # a Hessian summed in another order can move a weight across a rounding boundary
+        moved = (a[key] != b[key]).float().mean().item()
+        assert moved < 1e-3, (key, moved)

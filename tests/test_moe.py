@@ -343,3 +343,28 @@ def test_dsnot_refines_experts_from_their_own_tokens(text_file, moe_dir):
     experts = [row for row in report["linears"] if ".experts." in row["name"] and not row["fallback"]]
     assert experts and all(row["refine"] is not None and row["sparsity"] == pytest.approx(0.6, abs=1 / 32) for row in experts)  # per row
     assert all(row["refine"]["error_after"] <= row["refine"]["error_before"] for row in experts)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_quantized_experts_resume_to_the_uninterrupted_result(stream, text_file, tmp_path, monkeypatch):
+    """A quantized MoE run stopped after its first block and resumed writes the checkpoint an uninterrupted run
+    writes: the experts' scale and zero point buffers travel in the resume state and are packed per expert."""
+    from test_streaming import assert_same, interrupt_after
+
+    source = tmp_path / "src"
+    moe_model("qwen3_moe", layers=3).save_pretrained(source, max_shard_size="100KB")
+    byte_tokenizer().save_pretrained(source)
+    fields = dict(method="sparsegpt", pattern="2:4", calibration=str(text_file), nsamples=8, seqlen=32, device="cpu",
+                  stream=stream, quantize="w4a16", group_size=16)
+    api.prune(str(source), out=tmp_path / "whole", **fields)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 0)
+        with pytest.raises(LlmpruneError, match=r"interrupted after 1 of 3 blocks; continue with --resume"):
+            api.prune(str(source), out=tmp_path / "out", **fields)
+    _, report = api.prune(str(source), out=tmp_path / "out", resume=True, **fields)
+    assert report["resumed_after_block"] == 1
+    assert_same(tmp_path / "whole", tmp_path / "out")
+    loaded, _, _ = load_model(str(tmp_path / "out"))
+    whole, _, _ = load_model(str(tmp_path / "whole"))
+    for a, b in zip(experts_of(loaded), experts_of(whole), strict=True):
+        assert torch.equal(a.gate_up_proj, b.gate_up_proj) and torch.equal(a.down_proj, b.down_proj)
