@@ -32,14 +32,20 @@ ISAS = ("portable", "avx2", "avx512")  # the C++ side's numbering
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_ALIGN = 64  # inputs per row are padded to this (the gather kernel reads the mask 64 bits at a time)
 VALUE_PAD = 16  # trailing zeros after the last row's values, for full-vector loads
-# 1..EXPAND_TOKENS tokens: expand in registers; up to GATHER_TOKENS (with AVX-512, any number where at most
-# GATHER_DENSITY of the weight is kept): multiply the kept values only; beyond: row blocks expanded for torch's GEMM
-# (measured on an AMD Zen 5 with AVX-512 and a Zen 3 with AVX2 only, 2 cores each: README "CPU kernels"; with 8-lane
-# vectors, gathering 512 tokens at 30% density ran at 0.43-0.84x dense, so there the density rule does not apply)
+# 1..EXPAND_TOKENS tokens: expand in registers; up to GATHER_TOKENS (with AVX-512 on an AMD CPU, any number where at
+# most GATHER_DENSITY of the weight is kept): multiply the kept values only; beyond: row blocks expanded for torch's
+# GEMM (measured on an AMD Zen 5 with AVX-512, a Zen 3 with AVX2 only and an Intel Xeon with AVX-512, 2 cores each:
+# README "CPU kernels". Gathering 512 tokens at 30% density ran at 1.65x dense on the Zen 5 but 0.43-0.84x with 8-lane
+# vectors and 0.18-0.20x on the Xeon, so beyond GATHER_TOKENS the density rule holds on AMD AVX-512 only)
 EXPAND_TOKENS = 6
 GATHER_TOKENS = 128
 GATHER_DENSITY = 0.4
-BLOCK_BYTES = 8 << 20  # the expanded row block of method "dense" (measured best at 2-8 MiB; the last-level cache)
+# The expanded row block of method "dense": at least BLOCK_BYTES (measured best at 2-8 MiB on the Zen 5 for 512
+# tokens of 4096-wide inputs) and at least BLOCK_X_RATIO times the input's bytes, since the GEMM reads the whole input
+# once a block: on the Xeon, 512 tokens of 8192 inputs (16 MiB) took 224-245 ms a call with 8 MiB blocks and 145-148
+# with 32 MiB or more against 111 for dense F.linear, whose remaining gap is the expansion itself (30 ms).
+BLOCK_BYTES = 8 << 20
+BLOCK_X_RATIO = 4
 
 
 def source_dir() -> Path:
@@ -151,11 +157,46 @@ def extension():
     if module is None:
         return None
     _refusal = None
+    module.set_fp32_expand_load(_fp32_expand_load(module.cpu_vendor()))
     if not module.threaded():
         log.warning("the CPU kernels were built without OpenMP (the compiler refused -fopenmp): they run on one thread")
     if fresh:
         log.info("CPU kernels compiled in %.0f s", time.perf_counter() - started)
     return module
+
+
+def _fp32_expand_load(vendor: str) -> bool:
+    """Whether the AVX-512 kernels expand fp32 values with vexpandps from memory (measured faster on an Intel Xeon)
+    rather than by two table permutations (faster on AMD Zen 5): $LLMPRUNE_CPU_FP32_EXPAND ('load' or 'permute')
+    decides where set, else the CPU's vendor."""
+    forced = os.environ.get("LLMPRUNE_CPU_FP32_EXPAND")
+    if forced in ("load", "permute"):
+        return forced == "load"
+    if forced:
+        log.warning("LLMPRUNE_CPU_FP32_EXPAND=%s is neither 'load' nor 'permute'; deciding by the CPU's vendor", forced)
+    return vendor == "intel"
+
+
+def cpu_vendor() -> str:
+    """'intel', 'amd' or 'other' (what the CPU reports; 'other' where the kernels cannot be built)."""
+    module = extension()
+    return module.cpu_vendor() if module is not None else "other"
+
+
+def fp32_expansion() -> str:
+    """How the AVX-512 kernels expand fp32 values in this process: 'load' (vexpandps) or 'permute'."""
+    module = extension()
+    return "load" if module is not None and module.fp32_expand_load() else "permute"
+
+
+def set_fp32_expansion(how: str) -> None:
+    """Choose the AVX-512 fp32 expansion for this process ('load' or 'permute'); both give identical outputs."""
+    if how not in ("load", "permute"):
+        raise ValueError(f"fp32 expansion '{how}' is neither 'load' nor 'permute'")
+    module = extension()
+    if module is None:
+        raise RuntimeError(refusal())
+    module.set_fp32_expand_load(how == "load")
 
 
 def refusal() -> str | None:
@@ -201,16 +242,21 @@ def _default_isa() -> str:
 # ---- calls -------------------------------------------------------------------------------------------------
 
 
-def method_for(tokens: int, density: float = 0.5, isa: str | None = None) -> str:
+def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor: str | None = None) -> str:
     """The path a call with this many tokens takes on a weight keeping `density` of its entries with the kernels of
-    `isa` (default: this machine's): 'expand', 'gather' or 'dense' (README, "CPU kernels", has the measurements
-    these thresholds come from)."""
+    `isa` on a CPU of `vendor` (defaults: this machine's): 'expand', 'gather' or 'dense' (README, "CPU kernels", has
+    the measurements these thresholds come from)."""
     if tokens <= EXPAND_TOKENS:
         return "expand"
     if tokens <= GATHER_TOKENS:
         return "gather"
-    sparse_gather = (isa or _default_isa()) == "avx512" and density <= GATHER_DENSITY
-    return "gather" if sparse_gather else "dense"
+    wide = (isa or _default_isa()) == "avx512" and (vendor or cpu_vendor()) == "amd"
+    return "gather" if wide and density <= GATHER_DENSITY else "dense"
+
+
+def block_rows(tokens: int, kp: int) -> int:
+    """Rows a block of method 'dense' expands for `tokens` inputs of `kp` (padded) features."""
+    return max(16, max(BLOCK_BYTES, BLOCK_X_RATIO * 4 * tokens * kp) // (4 * kp))
 
 
 def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,
@@ -235,7 +281,7 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
         if kp != cols or xp.stride(-1) != 1:
             xp = torch.nn.functional.pad(xp, (0, kp - cols)) if kp != cols else xp.contiguous()
         if method == "dense":
-            y = module.matmul_blocked(xp, values, masks, offsets, code, max(16, BLOCK_BYTES // (4 * kp)))
+            y = module.matmul_blocked(xp, values, masks, offsets, code, block_rows(tokens, kp))
         else:
             y = module.matmul_expand(xp, values, masks, offsets, code)
     elif method == "gather":
