@@ -40,12 +40,9 @@ VALUE_PAD = 16  # trailing zeros after the last row's values, for full-vector lo
 EXPAND_TOKENS = 6
 GATHER_TOKENS = 128
 GATHER_DENSITY = 0.4
-# The expanded row block of method "dense": at least BLOCK_BYTES (measured best at 2-8 MiB on the Zen 5 for 512
-# tokens of 4096-wide inputs) and at least BLOCK_X_RATIO times the input's bytes, since the GEMM reads the whole input
-# once a block: on the Xeon, 512 tokens of 8192 inputs (16 MiB) took 224-245 ms a call with 8 MiB blocks and 145-148
-# with 32 MiB or more against 111 for dense F.linear, whose remaining gap is the expansion itself (30 ms).
+# The expanded row block of method "dense" (measured best at 2-8 MiB on an AMD Zen 5 and 8-16 MiB on an Intel Xeon,
+# 512 tokens: larger blocks and the whole weight at once were 5-20% slower there, though they read the input fewer times)
 BLOCK_BYTES = 8 << 20
-BLOCK_X_RATIO = 4
 
 
 def source_dir() -> Path:
@@ -254,9 +251,9 @@ def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor
     return "gather" if wide and density <= GATHER_DENSITY else "dense"
 
 
-def block_rows(tokens: int, kp: int) -> int:
-    """Rows a block of method 'dense' expands for `tokens` inputs of `kp` (padded) features."""
-    return max(16, max(BLOCK_BYTES, BLOCK_X_RATIO * 4 * tokens * kp) // (4 * kp))
+def block_rows(kp: int) -> int:
+    """Rows a block of method 'dense' expands for inputs of `kp` (padded) features."""
+    return max(16, BLOCK_BYTES // (4 * kp))
 
 
 def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,
@@ -281,7 +278,7 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
         if kp != cols or xp.stride(-1) != 1:
             xp = torch.nn.functional.pad(xp, (0, kp - cols)) if kp != cols else xp.contiguous()
         if method == "dense":
-            y = module.matmul_blocked(xp, values, masks, offsets, code, block_rows(tokens, kp))
+            y = module.matmul_blocked(xp, values, masks, offsets, code, block_rows(kp))
         else:
             y = module.matmul_expand(xp, values, masks, offsets, code)
     elif method == "gather":
