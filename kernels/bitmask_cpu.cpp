@@ -163,7 +163,7 @@ struct Ops {
 }  // namespace avx512
 
 // The same AVX-512 kernels with fp32 values expanded by vexpandps straight from memory: on an Intel Xeon with
-// AVX-512 (2 cores, 2026-12-03) 1.2-1.6x faster at one token than the two table permutations above, which measured
+// AVX-512 (2 cores, 2026-12-03) 1.2-1.9x faster at one token than the two table permutations above, which measured
 // faster on AMD Zen 5. Which one runs is set once per process (set_fp32_expand_load; cpu_kernels.py picks by the
 // CPU's vendor).
 namespace avx512_load {
