@@ -36,8 +36,9 @@ def main() -> None:
         W = W.masked_fill(masks.select_mask(W.abs(), args.sparsity, masks.UNSTRUCTURED), 0)
         values, row_masks, offsets = cpu_kernels.pack_rows(W)
         kp = row_masks.shape[1] * 8
-        x = torch.randn(args.tokens, kp)
-        calls = {"dense": lambda: F.linear(x[:, :cols], W)}
+        x = torch.randn(args.tokens, kp)  # the kernels' input, padded to kp features; dense F.linear gets its own copy
+        x_dense = x[:, :cols].contiguous()
+        calls = {"dense": lambda: F.linear(x_dense, W)}
         for mib in (int(m) for m in args.blocks_mib.split(",")):
             block = max(16, (mib << 20) // (4 * kp))
             calls[f"{mib} MiB"] = lambda b=block: module.matmul_blocked(x, values, row_masks, offsets, code, b)

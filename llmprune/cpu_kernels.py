@@ -41,7 +41,8 @@ EXPAND_TOKENS = 6
 GATHER_TOKENS = 128
 GATHER_DENSITY = 0.4
 # The expanded row block of method "dense" (measured best at 2-8 MiB on an AMD Zen 5 and 8-16 MiB on an Intel Xeon,
-# 512 tokens: larger blocks and the whole weight at once were 5-20% slower there, though they read the input fewer times)
+# 512 tokens, eval/ab_prefill_blocks.py: 32 MiB blocks up to 9% and the whole weight at once 11-25% slower there, though
+# they read the input fewer times)
 BLOCK_BYTES = 8 << 20
 
 
@@ -226,6 +227,11 @@ def _default_code() -> int:
 
 
 @functools.lru_cache(maxsize=1)
+def _default_vendor() -> str:
+    return cpu_vendor()  # asked once: method_for runs on every call
+
+
+@functools.lru_cache(maxsize=1)
 def _default_isa() -> str:
     forced = os.environ.get("LLMPRUNE_CPU_ISA")
     if forced:
@@ -247,7 +253,7 @@ def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor
         return "expand"
     if tokens <= GATHER_TOKENS:
         return "gather"
-    wide = (isa or _default_isa()) == "avx512" and (vendor or cpu_vendor()) == "amd"
+    wide = (isa or _default_isa()) == "avx512" and (vendor or _default_vendor()) == "amd"
     return "gather" if wide and density <= GATHER_DENSITY else "dense"
 
 
