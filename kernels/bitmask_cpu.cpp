@@ -28,6 +28,18 @@
 #include <string>
 
 namespace llmprune_cpu {
+// Software prefetch into L2 of the values and masks a fixed distance ahead of where a row's loop reads, once per
+// 64 inputs: two lines of fp32 values (128 bytes, the values of 64 inputs at 50%), one of 16-bit values. The
+// hardware prefetchers stop at 4 KiB pages and, with one token, left the loop waiting on memory: on an Intel Xeon
+// (AVX-512, 2 cores, 2026-12-03) this ran the one-token kernel 1.1-1.2x faster with fp32 values and 1.6-2.0x with
+// bf16 ones (4096x4096 at 50% and 70%); 2-8 KiB distances measured alike, shorter ones less.
+constexpr int64_t kValuesAhead = 4096, kMasksAhead = 512;
+template <class V> inline void prefetch_ahead(const V* values, const uint8_t* masks) {
+  const char* at = reinterpret_cast<const char*>(values) + kValuesAhead;
+  __builtin_prefetch(at, 0, 2);
+  if (sizeof(V) == 4) __builtin_prefetch(at + 64, 0, 2);
+  __builtin_prefetch(masks + kMasksAhead, 0, 2);
+}
 
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
@@ -68,7 +80,6 @@ struct Ops {
   static F fma(F a, F b, F c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
   static F add(F a, F b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
   static float hsum(F a) { float s = 0; for (int i = 0; i < 8; ++i) s += a.v[i]; return s; }
-  static unsigned mask(const uint8_t* row, int64_t c) { return row[c]; }
   template <class V> static F expand(unsigned m, const V* p) {
     F r;
     const auto& idx = kPermute[m];
@@ -106,7 +117,6 @@ struct Ops {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static unsigned mask(const uint8_t* row, int64_t c) { return row[c]; }
   static F load8(const float* p) { return _mm256_loadu_ps(p); }
   static F load8(const bf16* p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -140,7 +150,6 @@ struct Ops {
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F a) { return _mm512_reduce_add_ps(a); }
-  static unsigned mask(const uint8_t* row, int64_t c) { return unsigned(row[2 * c]) | unsigned(row[2 * c + 1]) << 8; }
   static F load16(const float* p) { return _mm512_loadu_ps(p); }
   static F load16(const bf16* p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

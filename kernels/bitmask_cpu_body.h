@@ -6,27 +6,34 @@ using F = typename Ops::F;
 constexpr int W = Ops::W;
 
 // T tokens (1-8) against rows r0..r1. Two chains of accumulators for 1-4 tokens, so a token's sums do not wait
-// on each other's latency.
+// on each other's latency. The mask is read 64 bits at a time and each unit's values found by the popcount of the
+// bits before it, so the one serial chain (the row's value pointer) advances once per 64 inputs, not once per unit:
+// popcount + add a unit had bounded the loop. The values and masks ahead are prefetched (prefetch_ahead).
 template <class V, int T>
 void expand_rows_t(const float* x, int64_t ldx, const V* values, const uint8_t* masks, int64_t kb,
                    const int64_t* offsets, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   constexpr int S = T <= 4 ? 2 : 1;
-  const int64_t units = 8 * kb / W;  // a multiple of S: kb is a multiple of 8
+  constexpr int G = 64 / W;  // units a 64-bit mask word holds: a multiple of S
+  constexpr uint64_t unit = (uint64_t(1) << W) - 1;
   for (int64_t n = r0; n < r1; ++n) {
     const uint8_t* row = masks + n * kb;
     const V* p = values + offsets[n];
     F acc[S][T];
     for (int s = 0; s < S; ++s)
       for (int t = 0; t < T; ++t) acc[s][t] = Ops::zero();
-    for (int64_t c = 0; c < units; c += S) {
-#pragma GCC unroll 2
-      for (int s = 0; s < S; ++s) {
-        const unsigned m = Ops::mask(row, c + s);
-        const F w = Ops::expand(m, p);
-        p += popcount(m);
+    for (int64_t j = 0; j < kb / 8; ++j) {
+      uint64_t word;
+      std::memcpy(&word, row + 8 * j, 8);
+      const float* xj = x + j * 64;
+      prefetch_ahead(p, row + 8 * j);
 #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) acc[s][t] = Ops::fma(w, Ops::load(x + t * ldx + (c + s) * W), acc[s][t]);
+      for (int g = 0; g < G; ++g) {
+        const unsigned m = unsigned((word >> (g * W)) & unit);
+        const F w = Ops::expand(m, p + (g ? __builtin_popcountll(word << (64 - g * W)) : 0));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[g % S][t] = Ops::fma(w, Ops::load(xj + t * ldx + g * W), acc[g % S][t]);
       }
+      p += __builtin_popcountll(word);
     }
     for (int t = 0; t < T; ++t) {
       F sum = acc[0][t];
@@ -109,19 +116,26 @@ void gather_rows(int nv, const float* xT, int64_t tp, int64_t t0, const V* value
   }
 }
 
-// Rows r0..r1 of the dense fp32 weight [rows, 8·kb].
+// Rows r0..r1 of the dense fp32 weight [rows, 8·kb] (the mask read 64 bits at a time, as in expand_rows_t).
 template <class V>
 void dense_rows(const V* values, const uint8_t* masks, int64_t kb, const int64_t* offsets, float* out, int64_t r0,
                 int64_t r1) {
-  const int64_t kp = 8 * kb, units = kp / W;
+  constexpr int G = 64 / W;
+  constexpr uint64_t unit = (uint64_t(1) << W) - 1;
+  const int64_t kp = 8 * kb;
   for (int64_t n = r0; n < r1; ++n) {
     const uint8_t* row = masks + n * kb;
     const V* p = values + offsets[n];
     float* o = out + n * kp;
-    for (int64_t c = 0; c < units; ++c) {
-      const unsigned m = Ops::mask(row, c);
-      Ops::store(o + c * W, Ops::expand(m, p));
-      p += popcount(m);
+    for (int64_t j = 0; j < kb / 8; ++j, o += 64) {
+      uint64_t word;
+      std::memcpy(&word, row + 8 * j, 8);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const unsigned m = unsigned((word >> (g * W)) & unit);
+        Ops::store(o + g * W, Ops::expand(m, p + (g ? __builtin_popcountll(word << (64 - g * W)) : 0)));
+      }
+      p += __builtin_popcountll(word);
     }
   }
 }
