@@ -30,13 +30,18 @@ MIN_CAPABILITY = (8, 0)  # mma.sp and mma.sync m16n8k16 for bf16 need Ampere or 
 
 
 def source_dir() -> Path:
-    """The folder of the .cu files: the package's copy in a wheel, the repository's kernels/ otherwise."""
-    from importlib import resources
+    """The folder of the kernel sources: the package's copy (llmprune._cuda) in a wheel, the repository's kernels/
+    otherwise. kernels/ has no __init__.py on purpose: as a regular package it shadowed the Hub's `kernels` package,
+    which transformers (5.25 on) imports, for any Python started in the repository's root."""
+    import importlib.util
 
     try:
-        return Path(str(resources.files("llmprune._cuda")))
+        spec = importlib.util.find_spec("llmprune._cuda")
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "kernels"
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[1] / "kernels"
 
 
 # ---- packing (CPU or GPU, pure torch) ---------------------------------------------------------------------

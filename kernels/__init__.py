@@ -1,1 +1,0 @@
-"""CUDA C++ sources of llmprune's kernels, shipped as package data (llmprune._cuda) and compiled at run time."""
