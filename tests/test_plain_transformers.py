@@ -37,8 +37,8 @@ def install(target: Path, *requirements: str, deps: bool) -> Path:
 
 def newest_installable(*names: str) -> list[str]:
     """name==version for the newest releases pip would install beside this environment's torch: a release whose own
-    requirements the registry cannot meet (transformers 5.25.0 needs kernels >= 0.19.1, which it lacks here) is not
-    what a user gets, and installed without them it cannot load any model at all."""
+    requirements the registry cannot meet (transformers 5.25.0 needed kernels >= 0.19.1 before the registry had it)
+    is not what a user gets, and installed without them it cannot load any model at all."""
     from importlib.metadata import PackageNotFoundError, version
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,9 +69,13 @@ def current_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oldest_env(tmp_path_factory):
-    """transformers 5.0.0 with what it needs (huggingface-hub 1.x, tokenizers 0.22)."""
+    """transformers 5.0.0 with what it needs (huggingface-hub 1.x, tokenizers 0.22), and the Hub's `kernels` package
+    its own `hub-kernels` extra pins (< 0.11): this environment's kernels (0.19, which transformers 5.25 needs) would
+    show through the path otherwise, and transformers 5.0.0 fails with it (and with 0.18) on every model, dense
+    ones too ("Either a revision or a version must be specified"), which says nothing about our checkpoints."""
     given = os.environ.get("LLMPRUNE_OLD_ENV_DIR")
-    return install(Path(given) if given else tmp_path_factory.mktemp("oldest"), f"transformers=={OLDEST}", deps=True)
+    return install(Path(given) if given else tmp_path_factory.mktemp("oldest"), f"transformers[hub-kernels]=={OLDEST}",
+                   deps=True)
 
 
 def plain_load(env: Path, directories, *, with_llmprune: bool = False) -> list[dict]:
