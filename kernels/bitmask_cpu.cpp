@@ -27,6 +27,9 @@
 #include <cstring>
 #include <string>
 
+// The mask is read as 64-bit words whose bit k is input k (expand_rows_t, gather_rows_t): little-endian only.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the CPU kernels read masks as little-endian words");
+
 namespace llmprune_cpu {
 // Software prefetch into L2 of the values and masks a fixed distance ahead of where a row's loop reads, once per
 // 64 inputs: two lines of fp32 values (128 bytes, the values of 64 inputs at 50%), one of 16-bit values. The
