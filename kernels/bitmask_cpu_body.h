@@ -5,6 +5,11 @@
 using F = typename Ops::F;
 constexpr int W = Ops::W;
 
+// Where unit g of a 64-input mask word starts among the kept values that begin at p: past the bits below it.
+template <class V> inline const V* unit_values(const V* p, uint64_t word, int g) {
+  return p + (g ? __builtin_popcountll(word << (64 - g * W)) : 0);
+}
+
 // T tokens (1-8) against rows r0..r1. Two chains of accumulators for 1-4 tokens, so a token's sums do not wait
 // on each other's latency. The mask is read 64 bits at a time and each unit's values found by the popcount of the
 // bits before it, so the one serial chain (the row's value pointer) advances once per 64 inputs, not once per unit
@@ -30,7 +35,7 @@ void expand_rows_t(const float* x, int64_t ldx, const V* values, const uint8_t* 
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         const unsigned m = unsigned((word >> (g * W)) & unit);
-        const F w = Ops::expand(m, p + (g ? __builtin_popcountll(word << (64 - g * W)) : 0));
+        const F w = Ops::expand(m, unit_values(p, word, g));
 #pragma GCC unroll 8
         for (int t = 0; t < T; ++t) acc[g % S][t] = Ops::fma(w, Ops::load(xj + t * ldx + g * W), acc[g % S][t]);
       }
@@ -134,7 +139,7 @@ void dense_rows(const V* values, const uint8_t* masks, int64_t kb, const int64_t
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         const unsigned m = unsigned((word >> (g * W)) & unit);
-        Ops::store(o + g * W, Ops::expand(m, p + (g ? __builtin_popcountll(word << (64 - g * W)) : 0)));
+        Ops::store(o + g * W, Ops::expand(m, unit_values(p, word, g)));
       }
       p += __builtin_popcountll(word);
     }

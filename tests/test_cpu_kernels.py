@@ -270,7 +270,6 @@ def test_generate_with_cpu_kernels_equals_the_dense_pruned_model():
 def test_the_kernel_sources_do_not_shadow_the_hubs_kernels_package():
     # transformers imports the `kernels` package from PyPI; a kernels/__init__.py at the repository's root made
     # `import kernels` find ours instead for any Python started there (every model load then failed)
-    import importlib.util
     import subprocess
     import sys
     from pathlib import Path
@@ -279,8 +278,7 @@ def test_the_kernel_sources_do_not_shadow_the_hubs_kernels_package():
 
     root = Path(__file__).resolve().parents[1]
     assert (source_dir() / "bitmask_cpu.cpp").is_file()
-    probe = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+    probe = ("import importlib.util; s = importlib.util.find_spec('kernels'); "
              "print('' if s is None or s.origin is None else s.origin)")
     origin = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     assert not origin.startswith(str(root / "kernels")), origin
-    assert importlib.util.find_spec("llmprune") is not None
