@@ -129,7 +129,9 @@ def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_token
               "kernels": b.kernel_table(loaded, tokens=token_counts, repeats=repeats, value_dtypes=dtypes)}
     if not result["kernels"]:
         raise LlmpruneError("this model has no pruned linears (at least 30% zeros) to measure; prune it first.")
-    result["decode"] = b.decode_speed(loaded, tokens=decode_tokens, prompt=prompt, value_dtypes=dtypes)
+    halves = tuple(dt for dt in dtypes if dt != torch.float32)
+    result["decode"] = b.decode_speed(loaded, tokens=decode_tokens, prompt=prompt, value_dtypes=dtypes,
+                                      model_dtypes=halves)
     if json_output:
         print_json(result)
         return
@@ -139,16 +141,18 @@ def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_token
     console = Console(width=None if sys.stdout.isatty() else 220)
     console.print("environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()))
     ours = ["ours_" + v for v in wanted]
+    models = [o + "_model" for o in ours if o != "ours_float32"]
     table = Table(title=f"CPU kernels (median; weights rotated over copies larger than the {result['environment']['llc_mib']} MiB cache)")
     for column in ("shape", "sparsity", "tokens", "path", "dense fp32 ms", "dense bf16 ms", "torch CSR ms",
-                   *[f"{o[5:]} ms" for o in ours], *[f"{o[5:]} speedup" for o in ours], "dense GB/s",
+                   *[f"{o[5:]} ms" for o in ours], *[f"{o[5:]} speedup" for o in ours],
+                   *[f"{o[5:-6]} model speedup" for o in models], "dense GB/s",
                    *[f"{o[5:]} GB/s" for o in ours], "rel. error"):
         table.add_column(column, justify="right")
     for r in result["kernels"]:
         table.add_row("×".join(map(str, r["shape"])), f"{r['sparsity']:.2f}", str(r["tokens"]), r["method"],
                       f"{r['dense_s'] * 1e3:.3f}", f"{r['dense_bf16_s'] * 1e3:.3f}", f"{r['csr_s'] * 1e3:.3f}",
                       *[f"{r[o + '_s'] * 1e3:.3f}" for o in ours], *[f"{r[o + '_speedup']:.2f}×" for o in ours],
-                      f"{r['dense_gbs']:.1f}", *[f"{r[o + '_gbs']:.1f}" for o in ours],
+                      *[f"{r[o + '_speedup']:.2f}×" for o in models], f"{r['dense_gbs']:.1f}", *[f"{r[o + '_gbs']:.1f}" for o in ours],
                       f"{max(r[o + '_rel_err'] for o in ours):.1e}")
     console.print(table)
     d = result["decode"]
@@ -158,7 +162,12 @@ def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_token
         e = d[o]
         console.print(f"  ours, {o[5:]} values: {e['tokens_per_s']:.2f} tok/s ({e['speedup']:.2f}×), same tokens as dense: "
                       f"{e['same_tokens']}; {e['swapped']} linears at {e['stored_over_dense']:.3f}× their dense bytes")
-    for name in ("dense", *ours):
+    for o in models:
+        e, short = d[o], o[5:-6]
+        console.print(f"  the model in {short}: dense {d['dense_' + short]['tokens_per_s']:.2f} tok/s, ours "
+                      f"{e['tokens_per_s']:.2f} tok/s ({e['speedup']:.2f}× dense float32, {e['speedup_over_same_dtype']:.2f}× "
+                      f"dense {short}), same tokens as dense {short}: {e['same_tokens']}")
+    for name in ("dense", *ours, *models):
         br = d[name]["breakdown"]
         console.print(f"  a step of {name}: {br['step_s'] * 1e3:.1f} ms = linears {br['linears_s'] * 1e3:.1f} + other "
                       f"operators {br['other_ops_s'] * 1e3:.1f} + Python and glue {br['python_s'] * 1e3:.1f} ({br['note']})")

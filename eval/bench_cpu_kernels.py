@@ -5,7 +5,7 @@
    with fp32 and bf16 values (llmprune.bench_cpu.shape_rows; weights rotated over copies larger than the LLC).
 2. End to end: a 1B Llama-shaped model (hidden 2048, 16 layers, MLP 8192, random weights pruned by magnitude),
    greedy decode of 128 tokens after a 64-token prompt, batch 1: dense fp32 against ours (fp32 and bf16 values)
-   at 50%, and fp32 values at 70%.
+   at 50% and 70%, and at 50% the model cast to bf16, dense and ours (bf16 values and activations).
 
     python eval/bench_cpu_kernels.py [--json out.json] [--skip-kernels] [--skip-decode]
 """
@@ -63,20 +63,27 @@ def main() -> None:
                     print(f"{shape[0]}×{shape[1]} {sparsity!s:4} T={r['tokens']:3d} {r['method']:6} dense {r['dense_s'] * 1e3:8.3f} ms"
                           f"  bf16 {r['dense_bf16_s'] * 1e3:8.3f}  csr {r['csr_s'] * 1e3:9.3f}  ours fp32 {r['ours_float32_s'] * 1e3:8.3f}"
                           f" ({r['ours_float32_speedup']:.2f}×)  ours bf16 {r['ours_bfloat16_s'] * 1e3:8.3f} ({r['ours_bfloat16_speedup']:.2f}×)"
+                          f"  bf16 x {r['ours_bfloat16_model_s'] * 1e3:8.3f} ({r['ours_bfloat16_model_speedup']:.2f}×)"
                           f"  GB/s dense {r['dense_gbs']:.1f} ours {r['ours_float32_gbs']:.1f}/{r['ours_bfloat16_gbs']:.1f}", flush=True)
     if not args.skip_decode:
         for sparsity, dtypes in ((0.5, (torch.float32, torch.bfloat16)), (0.7, (torch.float32, torch.bfloat16))):
             started = time.perf_counter()
             model = one_b_model(sparsity)
-            d = bench_cpu.decode_speed(model, tokens=128, prompt=64, value_dtypes=dtypes)
+            d = bench_cpu.decode_speed(model, tokens=128, prompt=64, value_dtypes=dtypes,
+                                       model_dtypes=(torch.bfloat16,) if sparsity == 0.5 else ())
             result["decode"][str(sparsity)] = d
             line = f"1B Llama-shaped, {sparsity:.0%}: dense {d['dense']['tokens_per_s']:.2f} tok/s"
             for dt in dtypes:
                 e = d["ours_" + str(dt).removeprefix("torch.")]
                 line += (f"; ours {str(dt).removeprefix('torch.')} values {e['tokens_per_s']:.2f} tok/s ({e['speedup']:.2f}×,"
                          f" same tokens {e['same_tokens']})")
+            if "ours_bfloat16_model" in d:
+                e = d["ours_bfloat16_model"]
+                line += (f"; the model in bf16: dense {d['dense_bfloat16']['tokens_per_s']:.2f} tok/s, ours {e['tokens_per_s']:.2f}"
+                         f" ({e['speedup']:.2f}× dense fp32, {e['speedup_over_same_dtype']:.2f}× dense bf16, same tokens"
+                         f" {e['same_tokens']})")
             print(line, f"[{time.perf_counter() - started:.0f} s]", flush=True)
-            for name, e in [("dense", d["dense"])] + [(k, v) for k, v in d.items() if k.startswith("ours_")]:
+            for name, e in [(k, v) for k, v in d.items() if k.startswith(("dense", "ours_")) and isinstance(v, dict)]:
                 b = e["breakdown"]
                 print(f"  step {name}: {b['step_s'] * 1e3:.1f} ms = linears {b['linears_s'] * 1e3:.1f} + other ops "
                       f"{b['other_ops_s'] * 1e3:.1f} + Python {b['python_s'] * 1e3:.1f} (profiled)", flush=True)

@@ -1,7 +1,8 @@
 """`llmprune bench --device cpu`: kernel and end-to-end speed of a pruned model on a CPU.
 
 Per linear shape and token count: dense F.linear in float32 and in bfloat16, torch's sparse CSR product (what a
-user would try first), and ours with float32 and bfloat16 values. Each figure is the median over passes that call
+user would try first), and ours with float32 and bfloat16 values (the latter with float32 activations and, as in a
+model loaded in bfloat16, with bfloat16 ones: `ours_bfloat16_model`). Each figure is the median over passes that call
 it once on each of several weight copies (more bytes than the last-level cache holds, so weights come from memory
 as they do in a model), after a warm-up pass. Then greedy decode tokens/s of the dense model and of the
 sparsified one, and where a decode step's time goes (the linears, the rest of torch's operators, Python).
@@ -126,6 +127,11 @@ def shape_rows(W: torch.Tensor, *, tokens=TOKENS, repeats: int = 20, value_dtype
             got = cpu_kernels.matmul(xs[0], *packs[0], cols).double()
             want = expected if dt == torch.float32 else xs[0].double() @ cpu_kernels.unpack_rows(*packs[0], cols).double().T
             row[f"{name}_rel_err"] = float((got - want).norm() / want.norm().clamp_min(1e-30))
+            if dt != torch.float32:  # a model loaded in the values' dtype: its activations come in that dtype too
+                xl = [x.to(dt) for x in xs]
+                row[f"{name}_model_s"] = time_passes(
+                    [lambda i=i: cpu_kernels.matmul(xl[i], *packs[i], cols) for i in range(copies)], repeats=repeats)
+                row[f"{name}_model_speedup"] = row["dense_s"] / row[f"{name}_model_s"]
         out.append(row)
     return out
 
@@ -219,9 +225,11 @@ def step_breakdown(model: nn.Module, ids: torch.Tensor, steps: int = 16) -> dict
 
 
 def decode_speed(model: nn.Module, *, tokens: int = 128, prompt: int = 64, value_dtypes=VALUE_DTYPES,
-                 seed: int = 0) -> dict:
+                 model_dtypes=(), seed: int = 0) -> dict:
     """Greedy decode (batch 1) of the model as loaded and sparsified per value dtype: tokens/s, the same tokens,
-    and a step's breakdown."""
+    and a step's breakdown. Each of `model_dtypes` (16-bit) adds the model cast to it, dense (`dense_bfloat16`)
+    and sparsified with values in it (`ours_bfloat16_model`; its speedup over the float32 dense model, and
+    `speedup_over_same_dtype` over the dense model in its dtype, whose tokens it is compared with)."""
     model = model.to("cpu").eval()
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(seed))
@@ -237,4 +245,19 @@ def decode_speed(model: nn.Module, *, tokens: int = 128, prompt: int = 64, value
             "same_tokens": ids_out == dense_ids, "stored_over_dense": report["stored_bytes"] / max(report["dense_bytes"], 1),
             "swapped": report["swapped"], "breakdown": step_breakdown(sparse, ids)}
         del sparse
+    for dt in model_dtypes:
+        short = str(dt).removeprefix("torch.")
+        cast = copy.deepcopy(model).to(dt)
+        prefill, rate, cast_ids = greedy_decode(cast, ids, tokens)
+        dense = result["dense_" + short] = {"prefill_s": prefill, "tokens_per_s": rate,
+                                            "speedup": rate / result["dense"]["tokens_per_s"],
+                                            "same_tokens": cast_ids == dense_ids, "breakdown": step_breakdown(cast, ids)}
+        report = deploy.sparsify(cast, device="cpu", values_dtype=dt)
+        prefill, rate, ids_out = greedy_decode(cast, ids, tokens)
+        result[f"ours_{short}_model"] = {
+            "prefill_s": prefill, "tokens_per_s": rate, "speedup": rate / result["dense"]["tokens_per_s"],
+            "speedup_over_same_dtype": rate / dense["tokens_per_s"], "same_tokens": ids_out == cast_ids,
+            "stored_over_dense": report["stored_bytes"] / max(report["dense_bytes"], 1), "swapped": report["swapped"],
+            "breakdown": step_breakdown(cast, ids)}
+        del cast
     return result

@@ -6,7 +6,8 @@ inputs padded to a multiple of 64) and its kept values, row after row, in float3
 50%-sparse float32 weight moves 2.125 bytes a weight instead of 4; with bfloat16 values 1.125.
 
 The C++ (kernels/bitmask_cpu.cpp) is compiled once per machine and torch version with torch's cpp_extension
-into a cache folder; it holds code for AVX-512F, AVX2 + FMA + F16C and the baseline ISA and picks by what the
+into a cache folder; it holds code for AVX-512F, AVX2 + FMA + F16C and the baseline ISA, and for bf16 values at
+1-8 tokens bf16 dot products (AVX-512 BF16 + VBMI2, the inputs split into exact bf16 parts), and picks by what the
 CPU reports at run time. Up to EXPAND_TOKENS tokens the weights are expanded in registers (decode, bound by
 memory); up to GATHER_TOKENS only the kept values are multiplied, broadcast over the tokens; beyond, the rows are
 expanded to a dense block for torch's GEMM (prefill), which measured the fastest there (README, "CPU kernels").
@@ -28,7 +29,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 SOURCE, BODY = "bitmask_cpu.cpp", "bitmask_cpu_body.h"
-ISAS = ("portable", "avx2", "avx512")  # the C++ side's numbering
+ISAS = ("portable", "avx2", "avx512", "avx512bf16")  # the C++ side's numbering; each level runs the ones below it
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_ALIGN = 64  # inputs per row are padded to this (the gather kernel reads the mask 64 bits at a time)
 VALUE_PAD = 16  # trailing zeros after the last row's values, for full-vector loads
@@ -204,7 +205,8 @@ def refusal() -> str | None:
 
 
 def best_isa() -> str:
-    """The widest instruction set this CPU runs our kernels with: 'avx512', 'avx2' or 'portable'."""
+    """The widest instruction set this CPU runs our kernels with: 'avx512bf16' (AVX-512 with BF16 dot products and
+    VBMI2: bf16 values at 1-8 tokens take vdpbf16ps), 'avx512', 'avx2' or 'portable'."""
     module = extension()
     return ISAS[module.best_isa()] if module is not None else "portable"
 
@@ -253,7 +255,7 @@ def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor
         return "expand"
     if tokens <= GATHER_TOKENS:
         return "gather"
-    wide = (isa or _default_isa()) == "avx512" and (vendor or _default_vendor()) == "amd"
+    wide = (isa or _default_isa()).startswith("avx512") and (vendor or _default_vendor()) == "amd"
     return "gather" if wide and density <= GATHER_DENSITY else "dense"
 
 
@@ -288,7 +290,7 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
         else:
             y = module.matmul_expand(xp, values, masks, offsets, code)
     elif method == "gather":
-        width = 16 if ISAS[code] == "avx512" else 8
+        width = 16 if ISAS[code].startswith("avx512") else 8
         tp = -(-tokens // width) * width
         xT = x2.new_zeros(kp, tp, dtype=torch.float32)
         xT[:cols, :tokens] = x2.T

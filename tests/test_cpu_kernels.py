@@ -98,6 +98,7 @@ def test_the_method_follows_tokens_and_density():
     # at high sparsity only kept values cost time: with 16-lane vectors on AMD, not with 8 nor on an Intel Xeon (measured)
     assert ck.method_for(4096, ck.GATHER_DENSITY, "avx512", "amd") == "gather"
     assert ck.method_for(4096, ck.GATHER_DENSITY, "avx512", "intel") == "dense"
+    assert ck.method_for(4096, ck.GATHER_DENSITY, "avx512bf16", "amd") == "gather"
     assert ck.method_for(4096, ck.GATHER_DENSITY, "avx2", "amd") == ck.method_for(4096, ck.GATHER_DENSITY, "portable") == "dense"
 
 
@@ -127,6 +128,38 @@ def test_both_avx512_fp32_expansions_give_the_same_outputs():
         ck.set_fp32_expansion(before)
     with pytest.raises(ValueError, match="neither"):
         ck.set_fp32_expansion("gather")
+
+
+@pytest.mark.skipif("avx512bf16" not in ck.available_isas(), reason="this CPU has no AVX-512 BF16 + VBMI2")
+def test_bf16_dot_products_split_the_inputs_exactly():
+    """The AVX512_BF16 path splits x into as few bf16 parts as hold it (1 from bf16, 2 from fp16) and multiplies
+    exactly: its sums are those of the AVX-512F path to fp32 rounding, for every token count it takes. x that needs
+    three parts (fp32) runs the AVX-512F code itself, bit for bit."""
+    module = ck.extension()
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    assert module.bf16_parts(x.bfloat16().float()) == 1
+    assert module.bf16_parts(x.half().float()) == 2
+    assert module.bf16_parts(x) == 3
+    assert module.bf16_parts(torch.zeros(1, 64)) == 1
+    reordered = 0
+    for k, (rows, cols) in enumerate(SHAPES):
+        W = pruned(rows, cols, 0.5, seed=k)
+        packed = ck.pack_rows(W, torch.bfloat16)
+        W_stored = ck.unpack_rows(*packed, cols).double()
+        for tokens in (1, 2, 3, 4, 5, 6, 7, 8):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                xt = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+                want = xt.double() @ W_stored.T
+                got = ck.matmul(xt.float(), *packed, cols, method="expand", isa="avx512bf16").double()
+                old = ck.matmul(xt.float(), *packed, cols, method="expand", isa="avx512").double()
+                scale = xt.double().abs() @ W_stored.abs().T
+                assert bool(((got - want).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
+                assert bool(((got - old).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
+                if dtype == torch.float32:
+                    assert torch.equal(got, old), (rows, cols, tokens)
+                else:
+                    reordered += not torch.equal(got, old)
+    assert reordered, "bf16 and fp16 inputs never took the dot-product path (sums in the AVX-512F order)"
 
 
 def test_the_fp32_expansion_follows_the_vendor(monkeypatch):
@@ -167,7 +200,9 @@ def test_the_best_isa_is_what_the_cpu_reports():
         pytest.skip("no /proc/cpuinfo to compare with")
     line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
     flags = line.partition(":")[2].split()
-    want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "portable"
+    bf16 = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vbmi2"} <= set(flags)
+    want = ("avx512bf16" if bf16 else "avx512" if "avx512f" in flags else
+            "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "portable")
     assert ck.best_isa() == want
 
 

@@ -30,6 +30,24 @@ def test_sparsified_model_computes_the_pruned_models_logits(arch, pattern, layou
     assert out.shape == (1, 8)
 
 
+def test_a_bf16_model_on_the_cpu_keeps_its_logits():
+    """A model loaded in bf16 runs our kernels with bf16 activations (the dot-product path where the CPU has
+    AVX-512 BF16): its logits stay those of the dense bf16 model within bf16 rounding, its greedy tokens equal."""
+    model = tiny_model("llama")
+    calibrate.prune_model(model, None, plan_for(model, method="magnitude", sparsity=0.5))
+    model = model.to(torch.bfloat16)
+    ids = windows(2, 12)
+    expected = model(ids).logits.float()
+    tokens = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    report = deploy.sparsify(model, device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, deploy.SparseLinear)]
+    assert report["swapped"] == len(layers) > 0 and all(m.values.dtype == torch.bfloat16 for m in layers)
+    got = model(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.equal(model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False), tokens)
+
+
 def test_dense_weight_round_trips_exactly():
     W = torch.randn(24, 40)
     W[W.abs() < 0.8] = 0
@@ -114,9 +132,15 @@ def test_bench_on_the_cpu(tmp_path):
     for r in rows:
         assert all(r[k] > 0 for k in ("dense_s", "dense_bf16_s", "csr_s", "ours_float32_s", "ours_bfloat16_s"))
         assert r["ours_float32_rel_err"] < 1e-5 and r["ours_bfloat16_rel_err"] < 1e-5
+        assert r["ours_bfloat16_model_s"] > 0 and "ours_float32_model_s" not in r
     decode = data["decode"]
     assert decode["ours_float32"]["same_tokens"] and decode["ours_float32"]["swapped"] > 0
     assert decode["dense"]["tokens_per_s"] > 0 and decode["ours_bfloat16"]["breakdown"]["step_s"] > 0
+    in_bf16 = decode["ours_bfloat16_model"]
+    assert in_bf16["swapped"] == decode["ours_float32"]["swapped"] and decode["dense_bfloat16"]["tokens_per_s"] > 0
+    assert in_bf16["speedup_over_same_dtype"] > 0 and in_bf16["breakdown"]["step_s"] > 0
+    table = CliRunner().invoke(app, args[:-1])
+    assert table.exit_code == 0 and "the model in bfloat16" in table.stdout, table.output
     bad = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--device", "cpu", "--values-dtype", "int8"])
     assert bad.exit_code == 2 and "--values-dtype" in bad.stderr
 
