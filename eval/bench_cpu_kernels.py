@@ -63,7 +63,8 @@ def main() -> None:
                     print(f"{shape[0]}×{shape[1]} {sparsity!s:4} T={r['tokens']:3d} {r['method']:6} dense {r['dense_s'] * 1e3:8.3f} ms"
                           f"  bf16 {r['dense_bf16_s'] * 1e3:8.3f}  csr {r['csr_s'] * 1e3:9.3f}  ours fp32 {r['ours_float32_s'] * 1e3:8.3f}"
                           f" ({r['ours_float32_speedup']:.2f}×)  ours bf16 {r['ours_bfloat16_s'] * 1e3:8.3f} ({r['ours_bfloat16_speedup']:.2f}×)"
-                          f"  bf16 x {r['ours_bfloat16_model_s'] * 1e3:8.3f} ({r['ours_bfloat16_model_speedup']:.2f}×)"
+                          f"  bf16 x [{r['ours_bfloat16_model_method']}] {r['ours_bfloat16_model_s'] * 1e3:8.3f}"
+                          f" ({r['ours_bfloat16_model_speedup']:.2f}×, {r['ours_bfloat16_model_over_bf16']:.2f}× dense bf16)"
                           f"  GB/s dense {r['dense_gbs']:.1f} ours {r['ours_float32_gbs']:.1f}/{r['ours_bfloat16_gbs']:.1f}", flush=True)
     if not args.skip_decode:
         for sparsity, dtypes in ((0.5, (torch.float32, torch.bfloat16)), (0.7, (torch.float32, torch.bfloat16))):

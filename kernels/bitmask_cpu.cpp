@@ -283,8 +283,43 @@ void dot_rows(int parts, int T, const uint16_t* xs, int64_t tokens, int64_t t0, 
   if (parts == 1) dot_rows_p<1>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
   else dot_rows_p<2>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
 }
+// Rows r0..r1 of the dense 16-bit weight [rows, kp] (bf16 or fp16 bits): one vpexpandw per 32 inputs.
+void dense_rows16(const uint16_t* values, const uint8_t* masks, int64_t kb, const int64_t* offsets, uint16_t* out,
+                  int64_t r0, int64_t r1) {
+  const int64_t kp = 8 * kb;
+  for (int64_t n = r0; n < r1; ++n) {
+    const uint8_t* row = masks + n * kb;
+    const uint16_t* p = values + offsets[n];
+    uint16_t* o = out + n * kp;
+    for (int64_t j = 0; j < kb / 8; ++j, o += 64) {
+      uint64_t word;
+      std::memcpy(&word, row + 8 * j, 8);
+      const uint32_t lo = uint32_t(word);
+      _mm512_storeu_si512(o, _mm512_maskz_expandloadu_epi16(__mmask32(lo), p));
+      _mm512_storeu_si512(o + 32, _mm512_maskz_expandloadu_epi16(__mmask32(word >> 32), p + popcount(lo)));
+      p += __builtin_popcountll(word);
+    }
+  }
+}
 }  // namespace avx512bf16
 #pragma GCC pop_options
+// The same for every other CPU: each kept value stored at its set bit's place in a zeroed row.
+void dense_rows16(const uint16_t* values, const uint8_t* masks, int64_t kb, const int64_t* offsets, uint16_t* out,
+                  int64_t r0, int64_t r1) {
+  const int64_t kp = 8 * kb;
+  for (int64_t n = r0; n < r1; ++n) {
+    const uint8_t* row = masks + n * kb;
+    const uint16_t* p = values + offsets[n];
+    uint16_t* o = out + n * kp;
+    std::memset(o, 0, 2 * kp);
+    for (int64_t j = 0; j < kb / 8; ++j) {
+      uint64_t word;
+      std::memcpy(&word, row + 8 * j, 8);
+      for (; word; word &= word - 1) o[64 * j + __builtin_ctzll(word)] = *p++;
+    }
+  }
+}
+
 bool g_fp32_expand_load = false;
 // The instruction set asked for (the caller checked the CPU has it) runs `call` from its namespace.
 #define LLMPRUNE_DISPATCH(isa, call)                        \
@@ -455,14 +490,32 @@ torch::Tensor matmul_blocked(torch::Tensor x, torch::Tensor values, torch::Tenso
                              int64_t isa, int64_t block) {
   check(values, masks, offsets, isa);
   const int64_t rows = masks.size(0), kb = masks.size(1), kp = 8 * kb;
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(1) == kp && x.stride(1) == 1,
-              "x: float32 [tokens, kp], rows contiguous");
+  const bool half = x.scalar_type() != torch::kFloat;
+  TORCH_CHECK((!half || x.scalar_type() == values.scalar_type()) && x.dim() == 2 && x.size(1) == kp &&
+              x.stride(1) == 1, "x: float32, or the values' 16-bit dtype, [tokens, kp], rows contiguous");
   TORCH_CHECK(block > 0, "block must be positive");
   auto y = torch::empty({x.size(0), rows}, x.options());
   auto buffer = torch::empty({std::min(block, rows), kp}, x.options());
-  float* bp = buffer.data_ptr<float>();
   const uint8_t* mp = masks.data_ptr<uint8_t>();
   const int64_t* op = offsets.data_ptr<int64_t>();
+  if (half) {  // 16-bit activations and values: 16-bit blocks for torch's GEMM in that dtype, as the dense model runs
+    uint16_t* bp = reinterpret_cast<uint16_t*>(buffer.data_ptr());
+    const uint16_t* vp = reinterpret_cast<const uint16_t*>(values.data_ptr());
+    for (int64_t b0 = 0; b0 < rows; b0 += block) {
+      const int64_t nb = std::min(block, rows - b0);
+      uint16_t* origin = bp - b0 * kp;
+      at::parallel_for(b0, b0 + nb, grain(kp), [&](int64_t r0, int64_t r1) {
+#ifdef LLMPRUNE_X86
+        if (isa == AVX512_BF16) return avx512bf16::dense_rows16(vp, mp, kb, op, origin, r0, r1);
+#endif
+        dense_rows16(vp, mp, kb, op, origin, r0, r1);
+      });
+      auto out = y.narrow(1, b0, nb);
+      at::mm_out(out, x, buffer.narrow(0, 0, nb).t());
+    }
+    return y;
+  }
+  float* bp = buffer.data_ptr<float>();
   by_dtype(values, [&](auto tag) {
     using V = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
     const V* vp = reinterpret_cast<const V*>(values.data_ptr());

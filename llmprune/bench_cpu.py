@@ -132,6 +132,8 @@ def shape_rows(W: torch.Tensor, *, tokens=TOKENS, repeats: int = 20, value_dtype
                 row[f"{name}_model_s"] = time_passes(
                     [lambda i=i: cpu_kernels.matmul(xl[i], *packs[i], cols) for i in range(copies)], repeats=repeats)
                 row[f"{name}_model_speedup"] = row["dense_s"] / row[f"{name}_model_s"]
+                row[f"{name}_model_over_bf16"] = row["dense_bf16_s"] / row[f"{name}_model_s"]
+                row[f"{name}_model_method"] = cpu_kernels.method_for(n, kept / W.numel(), bf16=dt == torch.bfloat16)
         out.append(row)
     return out
 

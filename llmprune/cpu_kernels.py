@@ -6,9 +6,9 @@ inputs padded to a multiple of 64) and its kept values, row after row, in float3
 50%-sparse float32 weight moves 2.125 bytes a weight instead of 4; with bfloat16 values 1.125.
 
 The C++ (kernels/bitmask_cpu.cpp) is compiled once per machine and torch version with torch's cpp_extension
-into a cache folder; it holds code for AVX-512F, AVX2 + FMA + F16C and the baseline ISA, and for bf16 values at
-1-8 tokens bf16 dot products (AVX-512 BF16 + VBMI2, the inputs split into exact bf16 parts), and picks by what the
-CPU reports at run time. Up to EXPAND_TOKENS tokens the weights are expanded in registers (decode, bound by
+into a cache folder; it holds code for AVX-512F, AVX2 + FMA + F16C and the baseline ISA, and, for bf16 values with
+bf16 or fp16 inputs at 1-8 tokens, bf16 dot products (AVX-512 BF16 + VBMI2, the inputs split into exact bf16
+parts), and picks by what the CPU reports at run time. Up to EXPAND_TOKENS tokens the weights are expanded in registers (decode, bound by
 memory); up to GATHER_TOKENS only the kept values are multiplied, broadcast over the tokens; beyond, the rows are
 expanded to a dense block for torch's GEMM (prefill), which measured the fastest there (README, "CPU kernels").
 """
@@ -45,6 +45,11 @@ GATHER_DENSITY = 0.4
 # 512 tokens, eval/ab_prefill_blocks.py: 32 MiB blocks up to 9% and the whole weight at once 11-25% slower there, though
 # they read the input fewer times)
 BLOCK_BYTES = 8 << 20
+# bf16 activations and values where the CPU has AVX-512 BF16: bf16 dot products up to BF16_EXPAND_TOKENS tokens (one
+# pass over the weight), beyond it bf16 row blocks for torch's bf16 GEMM, the dense bf16 model's own (on the Xeon with
+# AMX, 4096x4096 and 11008x4096 at 50%/70%: dot products 1.14-1.23x dense bf16 at 6 tokens, 0.91-0.98x at 8, 0.47-0.50x
+# at 16, where the bf16 GEMM blocks run at 0.59-0.66x, gathering at 0.37-0.49x; 0.90-1.01x at 128-512 tokens).
+BF16_EXPAND_TOKENS = 8
 
 
 def source_dir() -> Path:
@@ -247,10 +252,13 @@ def _default_isa() -> str:
 # ---- calls -------------------------------------------------------------------------------------------------
 
 
-def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor: str | None = None) -> str:
+def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor: str | None = None, *,
+               bf16: bool = False) -> str:
     """The path a call with this many tokens takes on a weight keeping `density` of its entries with the kernels of
-    `isa` on a CPU of `vendor` (defaults: this machine's): 'expand', 'gather' or 'dense' (README, "CPU kernels", has
-    the measurements these thresholds come from)."""
+    `isa` on a CPU of `vendor` (defaults: this machine's), `bf16` where activations and values are both bfloat16:
+    'expand', 'gather' or 'dense' (README, "CPU kernels", has the measurements these thresholds come from)."""
+    if bf16 and (isa or _default_isa()) == "avx512bf16":
+        return "expand" if tokens <= BF16_EXPAND_TOKENS else "dense"
     if tokens <= EXPAND_TOKENS:
         return "expand"
     if tokens <= GATHER_TOKENS:
@@ -259,15 +267,17 @@ def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor
     return "gather" if wide and density <= GATHER_DENSITY else "dense"
 
 
-def block_rows(kp: int) -> int:
-    """Rows a block of method 'dense' expands for inputs of `kp` (padded) features."""
-    return max(16, BLOCK_BYTES // (4 * kp))
+def block_rows(kp: int, itemsize: int = 4) -> int:
+    """Rows a block of method 'dense' expands for inputs of `kp` (padded) features, `itemsize` bytes a weight."""
+    return max(16, BLOCK_BYTES // (itemsize * kp))
 
 
 def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,
            isa: str | None = None, density: float | None = None) -> Tensor:
     """y = x Wᵀ on the CPU for x [..., cols] of any float dtype (float32 sums; y in x's dtype). `density` (the
-    kept fraction; read from `offsets` where not given) picks the path with the token count, unless `method`."""
+    kept fraction; read from `offsets` where not given) picks the path with the token count, unless `method`.
+    Method 'dense' with bf16 x and values on a CPU with AVX-512 BF16 runs torch's bf16 GEMM, as the dense bf16 model
+    would (oneDNN's sums are float32 too; the result is rounded to bf16 as the dense model's is)."""
     module = extension()
     if module is None:
         raise RuntimeError(refusal())
@@ -277,16 +287,21 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
     x2 = x.reshape(-1, cols)
     tokens, rows, kp = x2.shape[0], masks.shape[0], masks.shape[1] * 8
     code = _isa(isa)
+    bf16 = x2.dtype == values.dtype == torch.bfloat16
     if method is None:
-        method = method_for(tokens, density if density is not None else int(offsets[-1]) / max(1, rows * cols), ISAS[code])
+        method = method_for(tokens, density if density is not None else int(offsets[-1]) / max(1, rows * cols), ISAS[code],
+                            bf16=bf16)
     if tokens == 0:
         y = x2.new_zeros(0, rows)
     elif method in ("dense", "expand"):
-        xp = x2.to(torch.float32)
+        # bf16 activations and values on a CPU with bf16 arithmetic: bf16 blocks for torch's bf16 GEMM (the dense
+        # model's own). fp16 stays on the fp32 GEMM, which measured as fast as torch's fp16 one on the Xeon.
+        same = method == "dense" and bf16 and ISAS[code] == "avx512bf16"
+        xp = x2 if same else x2.to(torch.float32)
         if kp != cols or xp.stride(-1) != 1:
             xp = torch.nn.functional.pad(xp, (0, kp - cols)) if kp != cols else xp.contiguous()
         if method == "dense":
-            y = module.matmul_blocked(xp, values, masks, offsets, code, block_rows(kp))
+            y = module.matmul_blocked(xp, values, masks, offsets, code, block_rows(kp, xp.element_size()))
         else:
             y = module.matmul_expand(xp, values, masks, offsets, code)
     elif method == "gather":

@@ -100,6 +100,10 @@ def test_the_method_follows_tokens_and_density():
     assert ck.method_for(4096, ck.GATHER_DENSITY, "avx512", "intel") == "dense"
     assert ck.method_for(4096, ck.GATHER_DENSITY, "avx512bf16", "amd") == "gather"
     assert ck.method_for(4096, ck.GATHER_DENSITY, "avx2", "amd") == ck.method_for(4096, ck.GATHER_DENSITY, "portable") == "dense"
+    # bf16 activations and values: dot products for one pass over the weight, then bf16 GEMM blocks, where bf16 runs
+    assert ck.method_for(ck.BF16_EXPAND_TOKENS, 0.3, "avx512bf16", "amd", bf16=True) == "expand"
+    assert ck.method_for(ck.BF16_EXPAND_TOKENS + 1, 0.3, "avx512bf16", "amd", bf16=True) == "dense"
+    assert ck.method_for(ck.BF16_EXPAND_TOKENS, 0.5, "avx512", bf16=True) == "gather"
 
 
 def test_dense_blocks_hold_block_bytes():
@@ -160,6 +164,50 @@ def test_bf16_dot_products_split_the_inputs_exactly():
                 else:
                     reordered += not torch.equal(got, old)
     assert reordered, "bf16 and fp16 inputs never took the dot-product path (sums in the AVX-512F order)"
+
+
+@pytest.mark.parametrize("isa", ck.available_isas())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_blocks_for_a_16_bit_gemm(isa, dtype):
+    """matmul_blocked with x in the values' 16-bit dtype expands 16-bit blocks (vpexpandw or the scalar loop) for
+    torch's GEMM in that dtype: the product of the dense 16-bit weight, which it equals to GEMM rounding."""
+    module = ck.extension()
+    for k, (rows, cols) in enumerate(SHAPES):
+        W = pruned(rows, cols, 0.6, seed=k)
+        values, row_masks, offsets = ck.pack_rows(W, dtype)
+        kp = row_masks.shape[1] * 8
+        x = torch.nn.functional.pad(torch.randn(19, cols, generator=torch.Generator().manual_seed(k)), (0, kp - cols)).to(dtype)
+        dense = torch.nn.functional.pad(ck.unpack_rows(values, row_masks, offsets, cols), (0, kp - cols)).to(dtype)
+        for block in (16, 1 << 20):
+            y = module.matmul_blocked(x, values, row_masks, offsets, ck.ISAS.index(isa), block)
+            assert y.dtype == dtype and y.shape == (19, rows)
+            torch.testing.assert_close(y.float(), (x @ dense.T).float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="16-bit dtype"):
+        module.matmul_blocked(x.half() if dtype == torch.bfloat16 else x.bfloat16(), values, row_masks, offsets, 0, 16)
+
+
+def test_bf16_inputs_take_the_bf16_gemm_where_bf16_runs(monkeypatch):
+    W = pruned(100, 200, 0.5)
+    packed = ck.pack_rows(W, torch.bfloat16)
+    x = torch.randn(40, 200).bfloat16()
+    want = x.double() @ ck.unpack_rows(*packed, 200).double().T
+    module, seen = ck.extension(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def matmul_blocked(self, xp, *args):
+            seen.append(xp.dtype)
+            return module.matmul_blocked(xp, *args)
+
+    monkeypatch.setattr(ck, "extension", lambda: Spy())
+    for isa in ck.available_isas():
+        seen.clear()
+        y = ck.matmul(x, *packed, 200, isa=isa, method="dense")
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=2e-2)
+        assert seen == [torch.bfloat16 if isa == "avx512bf16" else torch.float32], isa
 
 
 def test_the_fp32_expansion_follows_the_vendor(monkeypatch):
