@@ -284,7 +284,7 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
     if x.shape[-1] != cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight {cols}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, cols)
+    x2 = x.detach().reshape(-1, cols)  # inference only: no gradient flows through the kernels (torch's out= GEMM refuses one)
     tokens, rows, kp = x2.shape[0], masks.shape[0], masks.shape[1] * 8
     code = _isa(isa)
     bf16 = x2.dtype == values.dtype == torch.bfloat16

@@ -186,6 +186,15 @@ def test_16_bit_blocks_for_a_16_bit_gemm(isa, dtype):
         module.matmul_blocked(x.half() if dtype == torch.bfloat16 else x.bfloat16(), values, row_masks, offsets, 0, 16)
 
 
+@pytest.mark.parametrize("method", ["expand", "gather", "dense"])
+def test_inputs_that_require_grad_run(method):
+    """A model called outside torch.no_grad() hands the linears inputs that require grad: every path still runs."""
+    W = pruned(24, 64, 0.5)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = ck.matmul(x, *ck.pack_rows(W), 64, method=method)
+    torch.testing.assert_close(y, (x @ W.T).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_inputs_take_the_bf16_gemm_where_bf16_runs(monkeypatch):
     W = pruned(100, 200, 0.5)
     packed = ck.pack_rows(W, torch.bfloat16)
