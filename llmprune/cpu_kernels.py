@@ -50,6 +50,9 @@ BLOCK_BYTES = 8 << 20
 # AMX, 4096x4096 and 11008x4096 at 50%/70%: dot products 1.14-1.23x dense bf16 at 6 tokens, 0.91-0.98x at 8, 0.47-0.50x
 # at 16, where the bf16 GEMM blocks run at 0.59-0.66x, gathering at 0.37-0.49x; 0.90-1.01x at 128-512 tokens).
 BF16_EXPAND_TOKENS = 8
+# Their bf16 row blocks: 16 MiB (the Xeon, 50%, 128 / 512 tokens: 3.50 / 8.92 ms on 2048x8192 against 4.01 / 16.91 with
+# 8 MiB and 10.3 / 15.4 with 32 MiB; within 1-5% of the best on 4096x4096 and 11008x4096; rounds alternated in one process)
+BF16_BLOCK_BYTES = 16 << 20
 
 
 def source_dir() -> Path:
@@ -268,8 +271,9 @@ def method_for(tokens: int, density: float = 0.5, isa: str | None = None, vendor
 
 
 def block_rows(kp: int, itemsize: int = 4) -> int:
-    """Rows a block of method 'dense' expands for inputs of `kp` (padded) features, `itemsize` bytes a weight."""
-    return max(16, BLOCK_BYTES // (itemsize * kp))
+    """Rows a block of method 'dense' expands for inputs of `kp` (padded) features, `itemsize` bytes a weight (2: the
+    bf16 blocks for torch's bf16 GEMM)."""
+    return max(16, (BLOCK_BYTES if itemsize == 4 else BF16_BLOCK_BYTES) // (itemsize * kp))
 
 
 def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, method: str | None = None,

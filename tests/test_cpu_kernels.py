@@ -109,6 +109,7 @@ def test_the_method_follows_tokens_and_density():
 def test_dense_blocks_hold_block_bytes():
     assert ck.block_rows(4096) == ck.BLOCK_BYTES // (4 * 4096)
     assert ck.block_rows(1 << 22) == 16  # never fewer than 16 rows
+    assert ck.block_rows(4096, 2) == ck.BF16_BLOCK_BYTES // (2 * 4096)
 
 
 @pytest.mark.skipif("avx512" not in ck.available_isas(), reason="this CPU has no AVX-512")
