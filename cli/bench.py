@@ -37,7 +37,8 @@ def bench(
     verbose: bool = VERBOSE,
 ):
     """Kernel speed per linear shape and greedy decode tokens/s, dense against ours: on a CUDA GPU (cuBLAS, ours,
-    torch's 2:4) or on the CPU (F.linear fp32 and bf16, torch's CSR, ours with fp32 and bf16 values)."""
+    torch's 2:4) or on the CPU (F.linear fp32 and bf16, torch's CSR, ours with fp32 and bf16 values; with bf16 values
+    also bf16 activations, and the decode of the model cast to bf16, dense and ours)."""
     setup_logging(verbose, quiet=json_output)
     import torch
 
