@@ -111,38 +111,6 @@ def lowest_k(scores: Tensor, k: int) -> Tensor:
     return _lowest_k_torch(scores, k)
 
 
-class LowestKNear:
-    """lowest_k over one flat vector, called again and again on scores that change a little (ALPS's projection in
-    every ADMM iteration): the k-th value is searched first within a band around the last call's, partitioning the
-    few scores in it rather than all of them, and the whole vector only where the band misses. The mask is
-    lowest_k's exactly (ties in index order)."""
-
-    def __init__(self, k: int, band: float = 0.1):
-        self.k, self.band, self.threshold = k, band, None
-
-    def __call__(self, scores: Tensor) -> Tensor:
-        import numpy as np
-
-        if self.k == 0 or scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.float64):
-            return lowest_k(scores.view(1, -1), self.k).view(scores.shape)
-        a = scores.detach().reshape(-1).numpy()
-        threshold = None
-        if self.threshold is not None and self.threshold > 0:
-            lo, hi = self.threshold * (1 - self.band), self.threshold * (1 + self.band)
-            inside = (a >= lo) & (a <= hi)
-            need = self.k - int(np.count_nonzero(a < lo))  # the k-th lowest is the need-th lowest inside the band
-            if 0 < need <= int(np.count_nonzero(inside)):
-                threshold = np.partition(a[inside], need - 1)[need - 1]
-        if threshold is None:
-            threshold = np.partition(a, self.k - 1)[self.k - 1]
-        self.threshold = float(threshold)
-        below = a < threshold
-        room = self.k - int(np.count_nonzero(below))
-        ties = np.flatnonzero(a == threshold)
-        below[ties[:room]] = True  # the first `room` ties in index order
-        return torch.from_numpy(below).view(scores.shape)
-
-
 def _lowest_k_numpy(a, k: int):
     import numpy as np
 

@@ -97,23 +97,3 @@ def test_lowest_k_on_the_cpu_equals_the_torch_path(rows, cols, seed, ties, dtype
     assert torch.equal(got.sum(1), torch.full((rows,), k))
     order = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # the stable sort's choice, ties in column order
     assert torch.equal(got, torch.zeros_like(got).scatter_(1, order, True))
-
-
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 40), cols=st.integers(1, 60), seed=st.integers(0, 10_000), ties=st.booleans(),
-       drift=st.sampled_from([0.0, 0.01, 0.05, 0.5, 3.0]))
-def test_lowest_k_near_equals_lowest_k_call_after_call(rows, cols, seed, ties, drift):
-    """The band search around the last threshold (ALPS's projection) picks lowest_k's mask on every call: scores that
-    drift a little (the band holds the k-th), a lot (it misses), with ties (quantized) and with zeros."""
-    from llmprune.masks import LowestKNear, lowest_k
-
-    g = torch.Generator().manual_seed(seed)
-    k = int(torch.randint(0, rows * cols + 1, (1,), generator=g))
-    near = LowestKNear(k)
-    scores = torch.randn(rows, cols, generator=g).square()
-    for _ in range(6):
-        current = scores.round(decimals=1) if ties else scores
-        got = near(current)
-        assert got.shape == current.shape and int(got.sum()) == k
-        assert torch.equal(got, lowest_k(current.view(1, -1), k).view(rows, cols))
-        scores = scores * (1 + drift * torch.randn(rows, cols, generator=g)).abs()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.masks import LowestKNear, Pattern, lowest_k, prune_count
+from llmprune.masks import Pattern, lowest_k, prune_count
 from llmprune.solvers.magnitude import MagnitudeSolver
 from llmprune.solvers import Solver
 from llmprune.solvers.sparsegpt import PERCDAMP, SparseGPTSolver, add_upper_exact_, row_block, symmetric
@@ -152,12 +152,10 @@ def _projector(shape: tuple[int, int], sparsity: float, pattern: Pattern, budget
         def keep(Z: Tensor) -> Tensor:  # lowest_k ranks along the last dimension: each output row of W
             return (~lowest_k(Z.T.square(), pruned)).T.to(Z.dtype)
         return keep
-    # the k-th |Z|² moves little between ADMM iterations: searched near the last one (same mask as lowest_k; on
-    # Gemma-3-270M's projections the whole-layer partition was a quarter of the ADMM time, profiled with py-spy)
-    lowest = LowestKNear(prune_count(cols * rows, sparsity))
+    pruned = prune_count(cols * rows, sparsity)
 
     def keep(Z: Tensor) -> Tensor:
-        return (~lowest(Z.square())).to(Z.dtype)
+        return (~lowest_k(Z.square().view(1, -1), pruned)).view(cols, rows).to(Z.dtype)
     return keep
 
 
