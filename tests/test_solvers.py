@@ -164,6 +164,25 @@ def test_inverse_cholesky_matches_a_float64_factorization(n):
     assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("n", [70, 300])
+def test_exact_hessian_sums_each_batch_in_fp64_on_the_upper_blocks(n):
+    """add_upper_exact_ writes only the upper block triangle of its reused fp32 buffer (never clearing it): H must be
+    each batch's own fp32 block products summed in fp64, bit for bit, below the blocks exactly zero."""
+    from llmprune.solvers.sparsegpt import add_upper_exact_
+
+    g = torch.Generator().manual_seed(n)
+    step = 64
+    H, expected, batch = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64), None
+    for tokens in (33, 128, 7):
+        x = torch.randn(tokens, n, generator=g) * 3
+        batch = add_upper_exact_(H, batch, x, step)
+        for i in range(0, n, step):  # this batch alone, in fp32, block by block as the solver multiplies it
+            expected[i : i + step, i:] += (x[:, i : i + step].T @ x[:, i:]).double()
+    assert torch.equal(H, expected)
+    for i in range(0, n, step):
+        assert not H[i + step :, i : i + step].any()
+
+
 # ALPS (solvers/alps.py)
 
 def layer_error(W, W_hat, X):
