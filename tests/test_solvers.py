@@ -199,6 +199,29 @@ def test_alps_beats_sparsegpt_on_correlated_inputs(pattern, sparsity):
     assert alps < 0.9 * sparsegpt, (alps, sparsegpt)
 
 
+@pytest.mark.parametrize("values", ["normal", "ties", "zeros"])
+def test_alps_layer_projection_is_lowest_ks_mask_call_after_call(values):
+    """The layer budget's projection keeps buffers between calls: each call's mask must be lowest_k's of Z² (ties
+    pruned in index order), and a mask already returned must not change when the next call runs."""
+    from llmprune.masks import lowest_k
+    from llmprune.solvers.alps import _projector
+
+    g = torch.Generator().manual_seed(3)
+    keep = _projector((96, 40), 0.7, Pattern(), "layer")
+    masks, expected = [], []
+    for step in range(4):
+        Z = torch.randn(96, 40, generator=g)
+        if values == "ties":
+            Z = torch.randint(-2, 3, (96, 40), generator=g).float()  # few values: ties straddle the cut
+        elif values == "zeros":
+            Z[: 60 + 10 * step] = 0.0
+        masks.append(keep(Z))
+        expected.append((~lowest_k(Z.square().view(1, -1), int(96 * 40 * 0.7))).view(96, 40).float())
+    for got, want in zip(masks, expected):
+        assert torch.equal(got, want)
+        assert int((got == 0).sum()) == int(96 * 40 * 0.7)
+
+
 def test_alps_budget_is_per_layer_and_exact():
     g = torch.Generator().manual_seed(12)
     W, X = torch.randn(40, 48, generator=g), realistic_inputs(512, 48)
