@@ -6,7 +6,9 @@ through the Python API, the CLI (in memory and --stream), and torchrun with one 
 
 The model is a random Llama (4 blocks, hidden 256) with a byte-level tokenizer, written by the script; the
 calibration text is the bundled WikiText-2 validation split (16 windows of 128 tokens), so nothing is downloaded.
-Agreement is the share of weights whose kept/pruned state is the same on both devices.
+Agreement is the share of weights whose kept/pruned state is the same on both devices. On a CUDA device the
+script also measures peak device memory while each block is placed (one block on the device at a time: a block's
+bytes plus activations, never the whole model) and checks that every parameter is back on the CPU afterwards.
 """
 from __future__ import annotations
 
@@ -65,6 +67,47 @@ def compare(a: dict, b: dict) -> dict:
     return {"mask_agreement": agree, "max_rel_weight_diff": rel, "sparsity_min": min(sparsity), "sparsity_max": max(sparsity)}
 
 
+def block_memory(model_dir: Path, device: str) -> dict:
+    """Peak device memory while each block is on `device` (reset when it arrives), against one block's and the whole
+    model's parameter bytes; and where every parameter is once pruning returns. Wraps the loop's `placed`."""
+    import contextlib
+
+    import llmprune
+    from llmprune.calibrate import loop
+
+    peaks: list[int] = []
+    original = loop.placed
+
+    @contextlib.contextmanager
+    def recording(module, target):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with original(module, target) as placed_module:
+            yield placed_module
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+
+    loop.placed = recording
+    try:
+        model, _ = llmprune.prune(str(model_dir), device=device, dtype="float32", method="sparsegpt", sparsity=0.5,
+                                  pattern="2:4", **CALIB)
+    finally:
+        loop.placed = original
+    from llmprune.models import find_blocks
+
+    _, blocks = find_blocks(model)
+    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    devices = sorted({str(p.device) for p in model.parameters()})
+    row = {"peak_per_block_mib": [round(b / 2**20, 2) for b in peaks], "block_mib": round(block_bytes / 2**20, 2),
+           "model_mib": round(model_bytes / 2**20, 2), "parameter_devices_after": devices,
+           "after_prune_allocated_mib": round(torch.cuda.memory_allocated() / 2**20, 2)}
+    # the peak of a later block must not grow with the blocks already pruned (the bug: they all stayed on the GPU)
+    row["ok"] = (devices == ["cpu"] and len(peaks) == len(blocks)
+                 and max(peaks) - min(peaks) < 2 * block_bytes)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmprune-gpu-prune"))
@@ -94,6 +137,9 @@ def main() -> None:
         row.update(compare(weights[ref_device], weights[test_device]))
         results["api"].append(row)
         print(json.dumps(row), flush=True)
+    if test_device.startswith("cuda"):
+        results["device_memory"] = block_memory(model_dir, test_device)
+        print(json.dumps({"device_memory": results["device_memory"]}), flush=True)
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["--method", "sparsegpt", "--pattern", "2:4", "--calib", "wikitext2-valid", "--nsamples", "16",
