@@ -13,6 +13,7 @@ bytes plus activations, never the whole model) and checks that every parameter i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -70,8 +71,6 @@ def compare(a: dict, b: dict) -> dict:
 def block_memory(model_dir: Path, device: str) -> dict:
     """Peak device memory while each block is on `device` (reset when it arrives), against one block's and the whole
     model's parameter bytes; and where every parameter is once pruning returns. Wraps the loop's `placed`."""
-    import contextlib
-
     import llmprune
     from llmprune.calibrate import loop
 

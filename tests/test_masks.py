@@ -97,3 +97,31 @@ def test_lowest_k_on_the_cpu_equals_the_torch_path(rows, cols, seed, ties, dtype
     assert torch.equal(got.sum(1), torch.full((rows,), k))
     order = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # the stable sort's choice, ties in column order
     assert torch.equal(got, torch.zeros_like(got).scatter_(1, order, True))
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "zeros", "misleading sample"])
+def test_kth_smallest_and_a_large_rows_mask_are_the_partitions(values):
+    """kth_smallest brackets the k-th value from a strided sample on large vectors: it must give the exact k-th
+    smallest at every k (float32 and float64), with ties, with most scores zero, and where the sample misleads (its
+    fallback); lowest_k of one large row, which uses it, must be the torch path's mask."""
+    import numpy as np
+
+    from llmprune.masks import SAMPLE, SAMPLED_FROM, _lowest_k_torch, kth_smallest, lowest_k
+
+    n = SAMPLED_FROM * 2 + 123
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal(n).astype(np.float32) ** 2
+    if values == "ties":
+        scores = rng.integers(0, 4, n).astype(np.float32)
+    elif values == "zeros":
+        scores[: int(0.8 * n)] = 0.0
+    elif values == "misleading sample":
+        scores[:: n // SAMPLE] = 1e6  # every sampled score is the largest: the bracket sits far above the k-th
+    scratch, flags = np.empty(n, np.float32), np.empty(n, bool)
+    for k in (1, 2, int(0.5 * n), int(0.7 * n), int(0.9 * n), n - 1, n):
+        want = np.partition(scores, k - 1)[k - 1]
+        assert kth_smallest(scores, k, scratch, flags) == want, k
+        assert kth_smallest(scores.astype(np.float64), k) == want, k
+    row = torch.from_numpy(scores).view(1, -1)
+    for k in (int(0.5 * n), int(0.7 * n)):
+        assert torch.equal(lowest_k(row, k), _lowest_k_torch(row, k))

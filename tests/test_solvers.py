@@ -297,28 +297,15 @@ def test_alps_without_data_is_magnitude_like_and_finite():
     assert torch.equal(out != 0, solve("magnitude", W, torch.zeros(0, 16), 0.5, Pattern(2, 4)) != 0)
 
 
-@pytest.mark.parametrize("values", ["normal", "ties", "zeros", "misleading sample"])
-def test_alps_kth_smallest_is_the_partitions_on_large_vectors(values):
-    """kth_smallest brackets the k-th value from a strided sample on large vectors: it must give the exact k-th
-    smallest at every k, with ties, with most scores zero, and where the sample misleads (its fallback)."""
-    import numpy as np
 
-    from llmprune.solvers.alps import SAMPLED_FROM, _LayerKeep, kth_smallest
-    from llmprune.masks import lowest_k
+def test_alps_layer_projection_on_a_large_layer_is_lowest_ks_mask():
+    """A layer of more scores than masks.SAMPLED_FROM takes the bracketed k-th value: the same mask as lowest_k's."""
+    from llmprune.masks import SAMPLED_FROM, lowest_k
+    from llmprune.solvers.alps import _projector
 
-    n = SAMPLED_FROM * 2 + 123
-    rng = np.random.default_rng(5)
-    scores = rng.standard_normal(n).astype(np.float32) ** 2
-    if values == "ties":
-        scores = rng.integers(0, 4, n).astype(np.float32)
-    elif values == "zeros":
-        scores[: int(0.8 * n)] = 0.0
-    elif values == "misleading sample":
-        scores[:: n // (1 << 15)] = 1e6  # every sampled score is the largest: the bracket sits far above the k-th
-    scratch, flags = np.empty(n, np.float32), np.empty(n, bool)
-    for k in (1, 2, int(0.5 * n), int(0.7 * n), int(0.9 * n), n - 1, n):
-        assert kth_smallest(scores, k, scratch, flags) == np.partition(scores, k - 1)[k - 1], k
-    Z = torch.from_numpy(np.sqrt(scores[: 640 * 200]).copy()).view(640, 200)
-    keep = _LayerKeep((640, 200), int(0.7 * Z.numel()))
-    want = (~lowest_k(Z.square().view(1, -1), int(0.7 * Z.numel()))).view(640, 200).float()
-    assert torch.equal(keep(Z), want)
+    g = torch.Generator().manual_seed(4)
+    keep = _projector((640, 200), 0.7, Pattern(), "layer")
+    assert 640 * 200 >= SAMPLED_FROM
+    for Z in (torch.randn(640, 200, generator=g), torch.randint(-2, 3, (640, 200), generator=g).float()):
+        want = (~lowest_k(Z.square().view(1, -1), int(0.7 * Z.numel()))).view(640, 200).float()
+        assert torch.equal(keep(Z), want)

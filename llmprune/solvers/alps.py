@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.masks import Pattern, lowest_k, prune_count
+from llmprune.masks import Pattern, kth_smallest, lowest_k, prune_count
 from llmprune.solvers.magnitude import MagnitudeSolver
 from llmprune.solvers import Solver
 from llmprune.solvers.sparsegpt import PERCDAMP, SparseGPTSolver, add_upper_exact_, row_block, symmetric
@@ -153,45 +153,6 @@ def _projector(shape: tuple[int, int], sparsity: float, pattern: Pattern, budget
             return (~lowest_k(Z.T.square(), pruned)).T.to(Z.dtype)
         return keep
     return _LayerKeep(shape, prune_count(cols * rows, sparsity))
-
-
-SAMPLED_FROM = 1 << 16  # scores from this many on: the k-th value is bracketed from a strided sample first
-SAMPLE = 1 << 15  # about this many scores in the sample
-SAMPLE_MARGIN = 6.0  # the bracket's half-width, in standard deviations of the sample rank of the k-th value
-
-
-def kth_smallest(scores, k: int, scratch, flags) -> float:
-    """The k-th smallest (1-based) of the float32 numpy vector `scores`, exactly; `scratch` (float32) and `flags`
-    (bool) are buffers of its size. Large vectors are bracketed first: a strided sample's quantiles around rank k
-    give lo ≤ hi, one pass counts the scores below lo and gathers those in [lo, hi] (a few percent), and only
-    those are partitioned; where the bracket misses the k-th (a sample unlike the whole), the whole vector is.
-    numpy's AVX-512 partition stores with vcompressps, which AMD Zen 4 runs slowly: 8.7 ms on 2048 × 640 scores
-    there, against ≈ 1 ms bracketed."""
-    import numpy as np
-
-    n = scores.size
-    if n >= SAMPLED_FROM:
-        step = n // SAMPLE
-        sample = scores[::step].copy()
-        s = sample.size
-        at = (k - 1) * (s - 1) / max(n - 1, 1)  # the k-th's expected rank in the sample
-        p = k / n
-        margin = SAMPLE_MARGIN * (s * p * (1 - p)) ** 0.5 + 2
-        lo_i, hi_i = max(0, int(at - margin)), min(s - 1, int(at + margin) + 1)
-        sample.partition((lo_i, hi_i))
-        lo, hi = sample[lo_i], sample[hi_i]
-        np.greater_equal(scores, lo, out=flags)
-        below = n - np.count_nonzero(flags)
-        rank = k - 1 - below
-        if rank >= 0:
-            np.logical_and(flags, scores <= hi, out=flags)
-            candidates = np.compress(flags, scores)
-            if rank < candidates.size:
-                candidates.partition(rank)
-                return float(candidates[rank])
-    np.copyto(scratch, scores)
-    scratch.partition(k - 1)
-    return float(scratch[k - 1])
 
 
 class _LayerKeep:
