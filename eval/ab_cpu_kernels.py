@@ -44,7 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     mods = {"A": build(args.a, "a"), "B": build(args.b, "b")}
     isa = cpu_kernels.ISAS.index(cpu_kernels.best_isa())
-    for rows, cols, sparsity in ((11008, 4096, 0.5), (11008, 4096, 0.7), (4096, 4096, "2:4"), (2048, 8192, 0.7)):
+    for rows, cols, sparsity in ((4096, 4096, 0.5), (11008, 4096, 0.5), (2048, 8192, 0.5), (11008, 4096, 0.7),
+                                 (4096, 4096, "2:4"), (2048, 8192, 0.7)):
         W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
         pattern = masks.Pattern(2, 4) if sparsity == "2:4" else masks.UNSTRUCTURED
         W = W.masked_fill(masks.select_mask(W.abs(), 0.5 if sparsity == "2:4" else sparsity, pattern), 0)

@@ -192,19 +192,22 @@ struct Ops : avx512::Ops {
 // ---- AVX-512 with BF16 dot products and VBMI2 word expansion: bf16 values, 1-8 tokens ----
 // 32 bf16 values are expanded by their mask straight from memory (vpexpandw) and multiplied by 32 inputs in one
 // vdpbf16ps (pairs of bf16 products summed into 16 fp32 lanes), where the AVX-512F path widens, shifts and expands
-// 16 at a time and then multiplies. x is split into bf16 parts, x = x1 (+ x2), as few as hold it exactly (1 for
-// inputs that come from bf16, 2 from fp16): a bf16 times a bf16 is exact in fp32, so every product is that of the
-// fp32 path and only the order of the fp32 sums differs. Every other call (x that needs three parts, as fp32
-// activations do; fp32 and fp16 values; more tokens; expansion) runs the AVX-512F code.
+// 16 at a time and then multiplies. x is split into bf16 parts, x = x1 (+ x2 (+ x3)), as few as hold it exactly (1
+// for inputs that come from bf16, 2 from fp16, 3 from fp32): a bf16 times a bf16 is exact in fp32, so every product
+// is that of the fp32 path and only the order of the fp32 sums differs. Three parts (fp32 activations) take this path
+// only where the caller allows them (set_bf16_max_parts: measured faster on AMD Zen 4, slower on an Intel Xeon); x
+// that no three parts hold exactly (subnormal inputs, which the conversion flushes; inf, NaN), fp32 and fp16 values,
+// more tokens and expansion run the AVX-512F code.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,avx2,fma,f16c,popcnt,bmi,bmi2")
 namespace avx512bf16 {
-constexpr int kMaxParts = 2;
+constexpr int kMaxParts = 3;
 
 // xs [kMaxParts][tokens][kp] bf16 bits: part q of token t at xs + (q·tokens + t)·kp; returns the parts x needs
-// (3: more than are stored, as for fp32 x).
+// (kMaxParts + 1 where even kMaxParts leave a residual).
 int split(const float* x, int64_t ldx, int64_t tokens, int64_t kp, uint16_t* xs) {
-  __m512i spill1 = _mm512_setzero_si512(), spill2 = _mm512_setzero_si512();  // |residual| bits after one, two parts
+  __m512i spill[kMaxParts];  // |residual| bits after each part
+  for (int q = 0; q < kMaxParts; ++q) spill[q] = _mm512_setzero_si512();
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t k = 0; k < kp; k += 16) {
       __m512 r = _mm512_loadu_ps(x + t * ldx + k);
@@ -212,15 +215,13 @@ int split(const float* x, int64_t ldx, int64_t tokens, int64_t kp, uint16_t* xs)
         const __m256i part = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs + (q * tokens + t) * kp + k), part);
         r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(part), 16)));
-        __m512i& spill = q == 0 ? spill1 : spill2;
-        spill = _mm512_or_si512(spill, _mm512_castps_si512(_mm512_abs_ps(r)));
+        spill[q] = _mm512_or_si512(spill[q], _mm512_castps_si512(_mm512_abs_ps(r)));
       }
     }
   }
-  const __mmask16 zero = _mm512_int2mask(0);
-  if (_mm512_cmpneq_epi32_mask(spill2, _mm512_setzero_si512()) != zero) return 3;
-  if (_mm512_cmpneq_epi32_mask(spill1, _mm512_setzero_si512()) != zero) return 2;
-  return 1;
+  for (int q = 0; q < kMaxParts; ++q)
+    if (_mm512_cmpneq_epi32_mask(spill[q], _mm512_setzero_si512()) == _mm512_int2mask(0)) return q + 1;
+  return kMaxParts + 1;
 }
 
 // T tokens against rows r0..r1, x in P parts. S chains of accumulators (each part and half of a 64-input word its
@@ -281,7 +282,8 @@ void dot_rows_p(int T, const uint16_t* xs, int64_t tokens, int64_t t0, int64_t k
 void dot_rows(int parts, int T, const uint16_t* xs, int64_t tokens, int64_t t0, int64_t kp, const bf16* values,
               const uint8_t* masks, int64_t kb, const int64_t* offsets, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   if (parts == 1) dot_rows_p<1>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
-  else dot_rows_p<2>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
+  else if (parts == 2) dot_rows_p<2>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
+  else dot_rows_p<3>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
 }
 // Rows r0..r1 of the dense 16-bit weight [rows, kp] (bf16 or fp16 bits): one vpexpandw per 32 inputs.
 void dense_rows16(const uint16_t* values, const uint8_t* masks, int64_t kb, const int64_t* offsets, uint16_t* out,
@@ -321,6 +323,7 @@ void dense_rows16(const uint16_t* values, const uint8_t* masks, int64_t kb, cons
 }
 
 bool g_fp32_expand_load = false;
+int g_bf16_max_parts = 2;  // the most bf16 parts of x the AVX512_BF16 dot products take (2 or 3)
 // The instruction set asked for (the caller checked the CPU has it) runs `call` from its namespace.
 #define LLMPRUNE_DISPATCH(isa, call)                        \
   do {                                                      \
@@ -347,6 +350,20 @@ bool fp32_expand_load() {
   return g_fp32_expand_load;
 #else
   return false;
+#endif
+}
+
+void set_bf16_max_parts(int64_t parts) {
+  TORCH_CHECK(parts == 2 || parts == 3, "bf16 parts: 2 or 3");
+#ifdef LLMPRUNE_X86
+  g_bf16_max_parts = int(parts);
+#endif
+}
+int64_t bf16_max_parts() {
+#ifdef LLMPRUNE_X86
+  return g_bf16_max_parts;
+#else
+  return 2;
 #endif
 }
 
@@ -413,9 +430,10 @@ torch::Tensor matmul_expand(torch::Tensor x, torch::Tensor values, torch::Tensor
     auto xs = torch::empty({avx512bf16::kMaxParts * tokens * kp}, x.options().dtype(torch::kInt16));
     uint16_t* sp = reinterpret_cast<uint16_t*>(xs.data_ptr<int16_t>());
     const int parts = avx512bf16::split(xp, ldx, tokens, kp, sp);
-    // Three parts (x from fp32), run as dot products, measured a little slower than the AVX-512F code (2.63× against 2.88× dense fp32 on
-    // 11008×4096 at 50%, one token, Xeon); one or two parts faster (3.6-4.8× for bf16 x, 3-8% for fp16 x).
-    if (parts <= 2) {
+    // One or two parts measured faster than the AVX-512F code everywhere (3.6-4.8× for bf16 x, 3-8% for fp16 x, Xeon);
+    // three (x from fp32) a little slower on an Intel Xeon (2.63× against 2.88× dense fp32 on 11008×4096 at 50%, one
+    // token) and 1.05-1.52× faster on an AMD EPYC Zen 4 (eval/ab_cpu_kernels.py, README "CPU kernels").
+    if (parts <= g_bf16_max_parts) {
       const bf16* vp = reinterpret_cast<const bf16*>(values.data_ptr());
       at::parallel_for(0, rows, grain(kp), [&](int64_t r0, int64_t r1) {
         for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
@@ -442,7 +460,8 @@ torch::Tensor matmul_expand(torch::Tensor x, torch::Tensor values, torch::Tensor
   return y;
 }
 
-// How many bf16 parts the AVX512_BF16 path splits x [tokens, k] (fp32, rows contiguous) into: 1-3.
+// How many bf16 parts the AVX512_BF16 path splits x [tokens, k] (fp32, rows contiguous) into: 1-3, or 4 where three
+// do not hold it exactly.
 int64_t bf16_parts(torch::Tensor x) {
   TORCH_CHECK(best_isa() >= AVX512_BF16, "this CPU lacks AVX-512 BF16 and VBMI2");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(1) % 16 == 0 && x.stride(1) == 1,
@@ -566,6 +585,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_vendor", &llmprune_cpu::cpu_vendor, "intel, amd or other");
   m.def("set_fp32_expand_load", &llmprune_cpu::set_fp32_expand_load, "AVX-512 fp32 values: vexpandps from memory (else table permutations)");
   m.def("fp32_expand_load", &llmprune_cpu::fp32_expand_load, "whether the AVX-512 fp32 expansion loads with vexpandps");
+  m.def("set_bf16_max_parts", &llmprune_cpu::set_bf16_max_parts, "AVX512_BF16 bf16 values: the most bf16 parts of x (2, or 3 for fp32 x) taken as dot products");
+  m.def("bf16_max_parts", &llmprune_cpu::bf16_max_parts, "the most bf16 parts of x the dot products take");
   m.def("best_isa", &llmprune_cpu::best_isa, "0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F, 3 AVX-512 with BF16 and VBMI2: the best this CPU runs");
   m.def("matmul_expand", &llmprune_cpu::matmul_expand, "y = x W^T, weights expanded in registers (decode)");
   m.def("bf16_parts", &llmprune_cpu::bf16_parts, "how many bf16 parts hold x exactly (the AVX512_BF16 path's split)");

@@ -136,35 +136,53 @@ def test_both_avx512_fp32_expansions_give_the_same_outputs():
 
 
 @pytest.mark.skipif("avx512bf16" not in ck.available_isas(), reason="this CPU has no AVX-512 BF16 + VBMI2")
-def test_bf16_dot_products_split_the_inputs_exactly():
-    """The AVX512_BF16 path splits x into as few bf16 parts as hold it (1 from bf16, 2 from fp16) and multiplies
-    exactly: its sums are those of the AVX-512F path to fp32 rounding, for every token count it takes. x that needs
-    three parts (fp32) runs the AVX-512F code itself, bit for bit."""
+@pytest.mark.parametrize("max_parts", [2, 3])
+def test_bf16_dot_products_split_the_inputs_exactly(max_parts):
+    """The AVX512_BF16 path splits x into as few bf16 parts as hold it (1 from bf16, 2 from fp16, 3 from fp32) and
+    multiplies exactly: its sums are those of the AVX-512F path to fp32 rounding, for every token count it takes.
+    x that needs more parts than the process lets through (fp32 with 2; subnormal inputs, which the conversion
+    flushes, always) runs the AVX-512F code itself, bit for bit."""
     module = ck.extension()
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
     assert module.bf16_parts(x.bfloat16().float()) == 1
     assert module.bf16_parts(x.half().float()) == 2
     assert module.bf16_parts(x) == 3
     assert module.bf16_parts(torch.zeros(1, 64)) == 1
-    reordered = 0
-    for k, (rows, cols) in enumerate(SHAPES):
-        W = pruned(rows, cols, 0.5, seed=k)
-        packed = ck.pack_rows(W, torch.bfloat16)
-        W_stored = ck.unpack_rows(*packed, cols).double()
-        for tokens in (1, 2, 3, 4, 5, 6, 7, 8):
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                xt = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)).to(dtype)
-                want = xt.double() @ W_stored.T
-                got = ck.matmul(xt.float(), *packed, cols, method="expand", isa="avx512bf16").double()
-                old = ck.matmul(xt.float(), *packed, cols, method="expand", isa="avx512").double()
-                scale = xt.double().abs() @ W_stored.abs().T
-                assert bool(((got - want).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
-                assert bool(((got - old).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
-                if dtype == torch.float32:
-                    assert torch.equal(got, old), (rows, cols, tokens)
-                else:
-                    reordered += not torch.equal(got, old)
-    assert reordered, "bf16 and fp16 inputs never took the dot-product path (sums in the AVX-512F order)"
+    tiny = x.clone()
+    tiny[2, 7] = 1e-40  # subnormal in fp32
+    assert module.bf16_parts(tiny) == 4
+    before = ck.bf16_dot_parts()
+    ck.set_bf16_dot_parts(max_parts)
+    try:
+        assert ck.bf16_dot_parts() == max_parts
+        reordered = {torch.float32: 0, torch.float16: 0, torch.bfloat16: 0}
+        for k, (rows, cols) in enumerate(SHAPES):
+            W = pruned(rows, cols, 0.5, seed=k)
+            packed = ck.pack_rows(W, torch.bfloat16)
+            W_stored = ck.unpack_rows(*packed, cols).double()
+            for tokens in (1, 2, 3, 4, 5, 6, 7, 8):
+                for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    xt = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+                    want = xt.double() @ W_stored.T
+                    got = ck.matmul(xt.float(), *packed, cols, method="expand", isa="avx512bf16").double()
+                    old = ck.matmul(xt.float(), *packed, cols, method="expand", isa="avx512").double()
+                    scale = xt.double().abs() @ W_stored.abs().T
+                    assert bool(((got - want).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
+                    assert bool(((got - old).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
+                    reordered[dtype] += not torch.equal(got, old)
+            xs = torch.randn(3, cols, generator=torch.Generator().manual_seed(k))
+            xs[1, cols // 2] = 1e-40
+            assert torch.equal(ck.matmul(xs, *packed, cols, method="expand", isa="avx512bf16"),
+                               ck.matmul(xs, *packed, cols, method="expand", isa="avx512")), (rows, cols)
+        assert reordered[torch.float16] and reordered[torch.bfloat16], "16-bit inputs never took the dot products"
+        if max_parts == 2:
+            assert reordered[torch.float32] == 0, "fp32 inputs took the dot products with two parts allowed"
+        else:
+            assert reordered[torch.float32], "fp32 inputs never took the dot products with three parts allowed"
+    finally:
+        ck.set_bf16_dot_parts(before)
+    with pytest.raises(ValueError, match="neither"):
+        ck.set_bf16_dot_parts(4)
 
 
 @pytest.mark.parametrize("isa", ck.available_isas())
@@ -227,6 +245,17 @@ def test_the_fp32_expansion_follows_the_vendor(monkeypatch):
     assert not ck._fp32_expand_load("intel")
     monkeypatch.setenv("LLMPRUNE_CPU_FP32_EXPAND", "load")
     assert ck._fp32_expand_load("amd")
+
+
+def test_fp32_activations_take_the_bf16_dot_products_by_vendor(monkeypatch):
+    monkeypatch.delenv("LLMPRUNE_CPU_BF16_PARTS", raising=False)
+    assert ck._bf16_max_parts("amd") == 3 and ck._bf16_max_parts("intel") == 2 and ck._bf16_max_parts("other") == 2
+    monkeypatch.setenv("LLMPRUNE_CPU_BF16_PARTS", "3")
+    assert ck._bf16_max_parts("intel") == 3
+    monkeypatch.setenv("LLMPRUNE_CPU_BF16_PARTS", "2")
+    assert ck._bf16_max_parts("amd") == 2
+    monkeypatch.setenv("LLMPRUNE_CPU_BF16_PARTS", "many")
+    assert ck._bf16_max_parts("amd") == 3
 
 
 def test_inputs_of_other_dtypes_and_shapes():
