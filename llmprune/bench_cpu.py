@@ -69,7 +69,7 @@ def environment() -> dict:
         pass
     return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "kernel_isa": cpu_kernels.best_isa(), "vendor": cpu_kernels.cpu_vendor(),
-            "fp32_expansion": cpu_kernels.fp32_expansion(),
+            "fp32_expansion": cpu_kernels.fp32_expansion(), "bf16_dot_parts": cpu_kernels.bf16_dot_parts(),
             "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "avx2": "avx2" in flags,
             "llc_mib": round(last_level_cache() / 2**20, 1), "copy_gbs": round(copy_gbs(), 1),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
