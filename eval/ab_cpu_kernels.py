@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     mods = {"A": build(args.a, "a"), "B": build(args.b, "b")}
+    for m in mods.values():
+        cpu_kernels.configure(m)  # the per-vendor choices llmprune makes, where the source has them
     isa = cpu_kernels.ISAS.index(cpu_kernels.best_isa())
     for rows, cols, sparsity in ((4096, 4096, 0.5), (11008, 4096, 0.5), (2048, 8192, 0.5), (11008, 4096, 0.7),
                                  (4096, 4096, "2:4"), (2048, 8192, 0.7)):

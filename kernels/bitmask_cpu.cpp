@@ -195,7 +195,8 @@ struct Ops : avx512::Ops {
 // 16 at a time and then multiplies. x is split into bf16 parts, x = x1 (+ x2 (+ x3)), as few as hold it exactly (1
 // for inputs that come from bf16, 2 from fp16, 3 from fp32): a bf16 times a bf16 is exact in fp32, so every product
 // is that of the fp32 path and only the order of the fp32 sums differs. Three parts (fp32 activations) take this path
-// only where the caller allows them (set_bf16_max_parts: measured faster on AMD Zen 4, slower on an Intel Xeon); x
+// at one token only, and only where the caller allows them (set_bf16_max_parts: measured faster on AMD Zen 4, slower
+// on an Intel Xeon; at 2-4 tokens 0.5-0.8× the AVX-512F code on the Zen 4, where the bytes saved no longer pay); x
 // that no three parts hold exactly (subnormal inputs, which the conversion flushes; inf, NaN), fp32 and fp16 values,
 // more tokens and expansion run the AVX-512F code.
 #pragma GCC push_options
@@ -283,7 +284,7 @@ void dot_rows(int parts, int T, const uint16_t* xs, int64_t tokens, int64_t t0, 
               const uint8_t* masks, int64_t kb, const int64_t* offsets, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   if (parts == 1) dot_rows_p<1>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
   else if (parts == 2) dot_rows_p<2>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
-  else dot_rows_p<3>(T, xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);
+  else dot_rows_t<1, 3>(xs, tokens, t0, kp, values, masks, kb, offsets, y, ldy, r0, r1);  // one token only
 }
 // Rows r0..r1 of the dense 16-bit weight [rows, kp] (bf16 or fp16 bits): one vpexpandw per 32 inputs.
 void dense_rows16(const uint16_t* values, const uint8_t* masks, int64_t kb, const int64_t* offsets, uint16_t* out,
@@ -432,8 +433,8 @@ torch::Tensor matmul_expand(torch::Tensor x, torch::Tensor values, torch::Tensor
     const int parts = avx512bf16::split(xp, ldx, tokens, kp, sp);
     // One or two parts measured faster than the AVX-512F code everywhere (3.6-4.8× for bf16 x, 3-8% for fp16 x, Xeon);
     // three (x from fp32) a little slower on an Intel Xeon (2.63× against 2.88× dense fp32 on 11008×4096 at 50%, one
-    // token) and 1.05-1.52× faster on an AMD EPYC Zen 4 (eval/ab_cpu_kernels.py, README "CPU kernels").
-    if (parts <= g_bf16_max_parts) {
+    // token) and 1.05-1.52× faster on an AMD EPYC Zen 4 (eval/ab_cpu_kernels.py, README "CPU kernels"), one token only.
+    if (parts <= (tokens == 1 ? g_bf16_max_parts : 2)) {
       const bf16* vp = reinterpret_cast<const bf16*>(values.data_ptr());
       at::parallel_for(0, rows, grain(kp), [&](int64_t r0, int64_t r1) {
         for (int64_t t0 = 0; t0 < tokens; t0 += 8) {

@@ -164,13 +164,21 @@ def extension():
     if module is None:
         return None
     _refusal = None
-    module.set_fp32_expand_load(_fp32_expand_load(module.cpu_vendor()))
-    module.set_bf16_max_parts(_bf16_max_parts(module.cpu_vendor()))
+    configure(module)
     if not module.threaded():
         log.warning("the CPU kernels were built without OpenMP (the compiler refused -fopenmp): they run on one thread")
     if fresh:
         log.info("CPU kernels compiled in %.0f s", time.perf_counter() - started)
     return module
+
+
+def configure(module) -> None:
+    """Set a freshly built kernel module's per-vendor choices (fp32 expansion, bf16 dot parts) as this process
+    runs them; modules built from older sources lack some setters and keep their defaults there."""
+    vendor = module.cpu_vendor()
+    module.set_fp32_expand_load(_fp32_expand_load(vendor))
+    if hasattr(module, "set_bf16_max_parts"):
+        module.set_bf16_max_parts(_bf16_max_parts(vendor))
 
 
 def _fp32_expand_load(vendor: str) -> bool:

@@ -140,8 +140,8 @@ def test_both_avx512_fp32_expansions_give_the_same_outputs():
 def test_bf16_dot_products_split_the_inputs_exactly(max_parts):
     """The AVX512_BF16 path splits x into as few bf16 parts as hold it (1 from bf16, 2 from fp16, 3 from fp32) and
     multiplies exactly: its sums are those of the AVX-512F path to fp32 rounding, for every token count it takes.
-    x that needs more parts than the process lets through (fp32 with 2; subnormal inputs, which the conversion
-    flushes, always) runs the AVX-512F code itself, bit for bit."""
+    x that needs more parts than the process lets through (fp32 with 2, or at more than one token; subnormal inputs,
+    which the conversion flushes, always) runs the AVX-512F code itself, bit for bit."""
     module = ck.extension()
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
     assert module.bf16_parts(x.bfloat16().float()) == 1
@@ -169,6 +169,8 @@ def test_bf16_dot_products_split_the_inputs_exactly(max_parts):
                     scale = xt.double().abs() @ W_stored.abs().T
                     assert bool(((got - want).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
                     assert bool(((got - old).abs() <= 2e-6 * scale + 1e-7).all()), (rows, cols, tokens, dtype)
+                    if dtype == torch.float32 and (tokens > 1 or max_parts == 2):
+                        assert torch.equal(got, old), (rows, cols, tokens)
                     reordered[dtype] += not torch.equal(got, old)
             xs = torch.randn(3, cols, generator=torch.Generator().manual_seed(k))
             xs[1, cols // 2] = 1e-40
