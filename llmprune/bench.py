@@ -19,7 +19,7 @@ from torch import nn
 
 from llmprune import deploy, formats, kernels
 from llmprune.errors import LlmpruneError
-from llmprune.models import get_weight
+from llmprune.models import cache_keyword, get_weight
 
 log = logging.getLogger(__name__)
 TOKENS = (1, 16, 2048)
@@ -188,10 +188,10 @@ def decode_tokens_per_s(model: nn.Module, ids: torch.Tensor, tokens: int) -> tup
     KV cache (what a serving engine does), or plain generate() where capture fails. Returns (tok/s, how, ids)."""
     from transformers import StaticCache
 
-    prompt = ids.shape[1]
+    prompt, kw = ids.shape[1], cache_keyword(model)
     try:
         cache = StaticCache(config=model.config, max_cache_len=prompt + tokens + 8)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+        logits = model(input_ids=ids, **{kw: cache}, use_cache=True,
                        cache_position=torch.arange(prompt, device=ids.device)).logits
         step_ids = logits[:, -1:].argmax(-1)
         position = torch.tensor([prompt], device=ids.device)
@@ -199,11 +199,11 @@ def decode_tokens_per_s(model: nn.Module, ids: torch.Tensor, tokens: int) -> tup
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                model(input_ids=step_ids, past_key_values=cache, use_cache=True, cache_position=position)
+                model(input_ids=step_ids, **{kw: cache}, use_cache=True, cache_position=position)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            next_ids = model(input_ids=step_ids, past_key_values=cache, use_cache=True,
+            next_ids = model(input_ids=step_ids, **{kw: cache}, use_cache=True,
                              cache_position=position).logits[:, -1:].argmax(-1)
         out = []
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from llmprune import cpu_kernels, deploy
-from llmprune.models import get_weight
+from llmprune.models import cache_keyword, get_weight, returned_cache
 
 TOKENS = (1, 4, 16, 512)
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
@@ -150,30 +150,19 @@ def kernel_table(model: nn.Module, **kwargs) -> list[dict]:
     return rows
 
 
-def _cache_kw(model: nn.Module) -> str:
-    """The forward argument that takes the KV cache: `cache` in newer transformers, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _past(out):
-    return getattr(out, "cache", None) if getattr(out, "past_key_values", None) is None else out.past_key_values
-
-
 @torch.no_grad()
 def greedy_decode(model: nn.Module, ids: torch.Tensor, tokens: int) -> tuple[float, float, list]:
     """(prefill seconds, decode tokens/s, generated ids) of a greedy loop over the KV cache, as generate() runs."""
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     prefill = time.perf_counter() - start
-    kw = _cache_kw(model)
-    past, step = _past(out), out.logits[:, -1:].argmax(-1)
+    kw = cache_keyword(model)
+    past, step = returned_cache(out), out.logits[:, -1:].argmax(-1)
     generated = [step]
     start = time.perf_counter()
     for _ in range(tokens - 1):
         out = model(input_ids=step, use_cache=True, **{kw: past})
-        past, step = _past(out), out.logits[:, -1:].argmax(-1)
+        past, step = returned_cache(out), out.logits[:, -1:].argmax(-1)
         generated.append(step)
     decode = time.perf_counter() - start
     return prefill, (tokens - 1) / decode, torch.cat(generated, 1)[0].tolist()
@@ -200,18 +189,18 @@ def step_breakdown(model: nn.Module, ids: torch.Tensor, steps: int = 16) -> dict
         if isinstance(module, linear_types) and module is not model.get_output_embeddings():
             handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
-        kw = _cache_kw(model)
+        kw = cache_keyword(model)
         out = model(input_ids=ids, use_cache=True)
-        past, step = _past(out), out.logits[:, -1:].argmax(-1)
+        past, step = returned_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(2):  # warm
             out = model(input_ids=step, use_cache=True, **{kw: past})
-            past, step = _past(out), out.logits[:, -1:].argmax(-1)
+            past, step = returned_cache(out), out.logits[:, -1:].argmax(-1)
         spent[0] = 0.0
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             for _ in range(steps):
                 out = model(input_ids=step, use_cache=True, **{kw: past})
-                past, step = _past(out), out.logits[:, -1:].argmax(-1)
+                past, step = returned_cache(out), out.logits[:, -1:].argmax(-1)
             wall = time.perf_counter() - start
     finally:
         for handle in handles:

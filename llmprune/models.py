@@ -6,6 +6,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 import mmap
 import os
@@ -439,3 +440,16 @@ def stored_names(model: nn.Module, param_name: str) -> list[str]:
     param = model.get_parameter(param_name)
     split = revert_weight_conversion(model, {param_name: torch.empty(param.shape, dtype=param.dtype, device="meta")})
     return sorted(split)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.2x on (which warns at the old name),
+    `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, read by its field name (`cache`, or `past_key_values` in older releases) so
+    the deprecated alias property, which warns, is never touched."""
+    cache = out.get("cache")
+    return out.get("past_key_values") if cache is None else cache

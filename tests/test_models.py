@@ -1,5 +1,6 @@
 import mmap
 import sys
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,25 @@ def test_bad_gguf_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a gguf file at all")
     with pytest.raises(LlmpruneError, match="could not read GGUF"):
         load_model(str(path))
+
+
+def test_greedy_decode_passes_the_cache_by_its_current_name(monkeypatch):
+    """The CPU bench's decode loop gives the KV cache under the name this transformers takes and reads it back by
+    field, so the deprecation warning of transformers 5.2x never fires, and its tokens are generate()'s."""
+    import transformers.utils.generic as generic
+
+    from llmprune.bench_cpu import greedy_decode
+    from llmprune.models import cache_keyword
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: warned.append(message))
+    model = tiny_model("llama")
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:  # transformers 5.25 says it with a FutureWarning too
+        warnings.simplefilter("always")
+        _, _, tokens = greedy_decode(model, ids, 6)
+    warned += [str(w.message) for w in caught]
+    assert cache_keyword(model) in ("cache", "past_key_values")
+    assert not [m for m in warned if "deprecated" in m], warned
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+    assert tokens == expected
