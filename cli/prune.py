@@ -56,6 +56,7 @@ def prune(
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Quantization: zero point 0, or one zero point per group. [default: symmetric]"),
     actorder: Optional[bool] = typer.Option(None, "--actorder/--no-actorder", help="Quantization: GPTQ rounds the inputs by descending activation energy (diag XᵀX), every group's scales chosen first (llm-compressor's 'static' act order; same layout). [default: on for GPTQ alone (--sparsity 0), off after pruning, where it measured worse]"),
     observer: Optional[str] = typer.Option(None, "--observer", help="Quantization: how a group's range is chosen: mse (shrunk where that lowers the group's rounding error weighted by activation energy) or minmax (its minimum and maximum). [default: mse]"),
+    quant_passes: Optional[str] = typer.Option(None, "--quant-passes", help="Quantization: coordinate-descent passes over GPTQ's codes towards the weights before pruning (QuantEase); each lowers every layer's output error; 0 keeps GPTQ's codes. [default: auto: 3 after pruning, 0 for GPTQ alone]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: c4, wikitext2 (Hub), wikitext2-valid (bundled, offline), PATH.txt or PATH.jsonl. [default: c4]"),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped at the model's max positions). [default: 2048]"),
@@ -92,7 +93,7 @@ def prune(
     given = {"method": method, "sparsity": sparsity, "pattern": pattern, "allocation": allocation, "owl_m": owl_m,
              "owl_lambda": owl_lambda, "refine": refine, "dsnot_cycles": dsnot_cycles, "dsnot_threshold": dsnot_threshold,
              "alps_budget": alps_budget, "quantize": quantize, "group_size": group_size, "symmetric": symmetric,
-             "actorder": actorder, "observer": observer, "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
+             "actorder": actorder, "observer": observer, "quant_passes": quant_passes, "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sequential": sequential,
              "targets": tuple(target) if target else None, "ignore": tuple(ignore) if ignore else None}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = load_recipe(recipe).override(**given) if recipe else Recipe.create(**given)

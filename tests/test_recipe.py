@@ -57,6 +57,18 @@ def test_act_order_is_on_for_gptq_alone_unless_asked_otherwise(fields, actorder)
     assert Recipe.create(quantize="w4a16", observer="mse", **fields).quant_scheme.observer == "mse"
 
 
+@pytest.mark.parametrize("fields,passes", [
+    ({"sparsity": 0.0}, 0),  # GPTQ alone: no descent by default
+    ({"sparsity": 0.5}, 3), ({"pattern": "2:4", "sparsity": 0.5}, 3),
+    ({"sparsity": 0.0, "overrides": ((r"mlp", 0.5),)}, 3),
+    ({"sparsity": 0.0, "quant_passes": 2}, 2), ({"sparsity": 0.5, "quant_passes": "0"}, 0),
+])
+def test_descent_passes_after_pruning_unless_asked_otherwise(fields, passes):
+    recipe = Recipe.create(quantize="w4a16", **fields)
+    assert recipe.quant_scheme.passes == passes
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+
+
 def test_cli_flags_override_recipe_fields():
     recipe = load_recipe("owl-wanda-70").override(sparsity=0.6, nsamples=8)
     assert (recipe.method, recipe.sparsity, recipe.nsamples, recipe.allocation) == ("wanda", 0.6, 8, "owl")
@@ -82,6 +94,8 @@ def test_cli_flags_override_recipe_fields():
     ("version: 9\n", ["recipe version 9"]),
     ("quantize: w4a16\nactorder: maybe\n", ["actorder: unknown value 'maybe'", "auto, on, off"]),
     ("quantize: w4a16\nobserver: max\n", ["observer: unknown value 'max'", "minmax, mse"]),
+    ("quantize: w4a16\nquant_passes: some\n", ["quant_passes must be auto or a whole number", "got 'some'"]),
+    ("quantize: w4a16\nquant_passes: -1\n", ["quant_passes must be auto or a whole number", "got '-1'"]),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, fragments):
     path = tmp_path / "bad.yaml"

@@ -166,8 +166,13 @@ class BlockPruner:
                 if name in self.fallback:  # too few tokens for a Hessian (GPTQ would zero its dead inputs): to nearest
                     quantized = [rounded_to_nearest(W, self.scheme) for W in W_new]
                 else:
-                    quantized = self._rounder(self.groups[name][0]).quantize_many(W_new, [W == 0 for W in W_new],
-                                                                                  self.scheme, self.scheme.actorder)
+                    # GPTQ rounds the weight before pruning with the mask fixed, so its error feedback makes up for
+                    # the pruning as well as the rounding, then descent refits the codes towards it (quant.py's
+                    # docstring has the measurements)
+                    rounder, before = self._rounder(self.groups[name][0]), [get_weight(self.linears[m]) for m in members]
+                    masks = [W == 0 for W in W_new]
+                    quantized = rounder.quantize_many(before, masks, self.scheme, self.scheme.actorder)
+                    quantized = rounder.descend_many(quantized, before, masks, self.scheme, self.scheme.passes)
                 W_new, seconds = [q.weight for q in quantized], seconds + time.perf_counter() - started
             for member, W, refine, q in zip(members, W_new, refined, quantized):
                 share = seconds * W.shape[0] / rows

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from llmprune.masks import Pattern, lowest_k
-from llmprune.quant import ColumnQuantizer
+from llmprune.quant import ColumnQuantizer, descend_codes
 from llmprune.solvers import Solver
 
 BLOCKSIZE = 128  # columns per lazy-update block (paper default)
@@ -137,20 +137,35 @@ class SparseGPTSolver(Solver):
             self._factor = {}
         if ordered not in self._factor:
             self._batch = None
-            H = symmetric(self.H).float() * (2.0 / max(self.tokens, 1))
-            dead = torch.diagonal(H) == 0
-            H[dead, dead] = 1.0
+            H, dead = self.dampened_hessian()
             order = None
             if ordered:
                 order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
                 H = H[order][:, order]
-            H.diagonal().add_(self.percdamp * torch.diagonal(H).mean())
             # The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) is J·L⁻¹·J, where J reverses the order of the
             # inputs and L is the lower Cholesky factor of J·H·J: one factorization and one triangular
             # inverse instead of the reference's factorize, invert, factorize again.
             U = inverse_cholesky(H.flip(0, 1)).flip(0, 1)
             self._factor[ordered] = (U, dead, order)
         return self._factor[ordered]
+
+    def dampened_hessian(self) -> tuple[Tensor, Tensor]:
+        """H = 2 X Xᵀ / n in fp32 with a dead input's diagonal set to 1 and 0.01 × mean diag(H) added to the diagonal
+        (the paper's dampening; the mean taken after the dead inputs' ones, as the reference code does), and the mask
+        of dead inputs."""
+        H = symmetric(self.H).float() * (2.0 / max(self.tokens, 1))
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1.0
+        H.diagonal().add_(self.percdamp * torch.diagonal(H).mean())
+        return H, dead
+
+    def descend_many(self, quantized: list, targets: list[Tensor], masks: list[Tensor], scheme, passes: int) -> list:
+        """quant.descend_codes on each weight with this solver's dampened Hessian: GPTQ's codes improved towards
+        `targets` (the weights before pruning), masks (bool, True = pruned) kept at 0."""
+        if passes <= 0:
+            return quantized
+        H, _ = self.dampened_hessian()
+        return [descend_codes(q, T, M, H, scheme, passes) for q, T, M in zip(quantized, targets, masks)]
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         return self._prune_stacked([W], [sparsity], pattern)[0]
@@ -193,7 +208,7 @@ class SparseGPTSolver(Solver):
                                                                 torch.diagonal(self.H).float())
         group_of = None  # with an order: the group of each input as reached, whose scales are chosen beforehand
         if perm is not None:
-            quantizer.choose_all(WT)
+            quantizer.choose_all(WT, fixed)
             group_of = (perm // quantizer.g).tolist()
             WT, fixed = WT[perm], fixed[perm]
         m = pattern.m
@@ -237,7 +252,7 @@ class SparseGPTSolver(Solver):
                         if group_of is not None:
                             quantizer.use_group(group_of[i1 + i])
                         elif (i1 + i) % quantizer.g == 0:
-                            quantizer.start_group(WT, i1 + i)
+                            quantizer.start_group(WT, i1 + i, fixed)
                         quantizer.round_(W1[i], keep[i], Q1[i])
                         torch.sub(W1[i], Q1[i], out=Err1[i]).mul_(inv_d1[i])
                     if i + 1 < j2:
