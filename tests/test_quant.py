@@ -376,3 +376,21 @@ def test_descent_after_pruning_beats_gptq_on_the_pruned_weight():
     on_pruned = solver.quantize_many([P], [P == 0], scheme, False)[0]
     ours = solver.descend_many(solver.quantize_many([W], [P == 0], scheme, False), [W], [P == 0], scheme, 3)[0]
     assert layer_error(W, ours.weight, X) < 0.97 * layer_error(W, on_pruned.weight, X)
+
+
+def test_descent_of_stacked_weights_is_each_weights_own():
+    """descend_many runs the weights of one input (q/k/v) through one stacked column loop; rows are independent, so
+    each comes out as descending it alone would give it (up to float summation order)."""
+    X = realistic_inputs(2048, 64)
+    gen = torch.Generator().manual_seed(11)
+    Wq, Wk = torch.randn(24, 64, generator=gen), torch.randn(8, 64, generator=gen)
+    scheme = QuantScheme(4, 16, True, observer="mse")
+    solver = sparsegpt_on(X, 64)
+    masks = [solver.prune(W, 0.5, Pattern(2, 4)) == 0 for W in (Wq, Wk)]
+    quantized = solver.quantize_many([Wq, Wk], masks, scheme, False)
+    together = solver.descend_many(quantized, [Wq, Wk], masks, scheme, 3)
+    alone = [solver.descend_many([q], [W], [M], scheme, 3)[0] for q, W, M in zip(quantized, (Wq, Wk), masks)]
+    for t, a in zip(together, alone):
+        assert t.codes.shape == a.codes.shape and torch.equal(t.scale, a.scale)
+        assert (t.codes == a.codes).float().mean() > 0.99
+        assert (t.weight[masks[0 if t.codes.shape[0] == 24 else 1]] == 0).all()

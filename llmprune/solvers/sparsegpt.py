@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from llmprune.masks import Pattern, lowest_k
-from llmprune.quant import ColumnQuantizer, descend_codes
+from llmprune.quant import ColumnQuantizer, Quantized, descend_codes
 from llmprune.solvers import Solver
 
 BLOCKSIZE = 128  # columns per lazy-update block (paper default)
@@ -160,12 +160,19 @@ class SparseGPTSolver(Solver):
         return H, dead
 
     def descend_many(self, quantized: list, targets: list[Tensor], masks: list[Tensor], scheme, passes: int) -> list:
-        """quant.descend_codes on each weight with this solver's dampened Hessian: GPTQ's codes improved towards
-        `targets` (the weights before pruning), masks (bool, True = pruned) kept at 0."""
+        """quant.descend_codes with this solver's dampened Hessian: GPTQ's codes improved towards `targets` (the weights
+        before pruning), masks (bool, True = pruned) kept at 0. Rows are independent, so the weights that read this
+        input (q/k/v, gate/up) go through one column loop stacked, as in quantize_many."""
         if passes <= 0:
             return quantized
         H, _ = self.dampened_hessian()
-        return [descend_codes(q, T, M, H, scheme, passes) for q, T, M in zip(quantized, targets, masks)]
+        parts = [torch.cat(p) for p in zip(*((q.weight, q.codes, q.scale, q.zero) for q in quantized))]
+        done = descend_codes(Quantized(*parts), torch.cat(targets), torch.cat(masks), H, scheme, passes)
+        bounds = [0]
+        for q in quantized:
+            bounds.append(bounds[-1] + q.codes.shape[0])
+        return [Quantized(*(t[r1:r2] for t in (done.weight, done.codes, done.scale, done.zero)))
+                for r1, r2 in zip(bounds, bounds[1:])]
 
     def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
         return self._prune_stacked([W], [sparsity], pattern)[0]
