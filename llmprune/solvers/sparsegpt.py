@@ -222,6 +222,8 @@ class SparseGPTSolver(Solver):
         bs = max(self.blocksize // m, 1) * m if pattern.structured else self.blocksize
         sub = max(SUBBLOCK // m, 1) * m if pattern.structured else SUBBLOCK
         choose_groups = pattern.structured
+        # nothing pruned (GPTQ alone): no column needs its pruned positions zeroed after rounding
+        any_pruned = choose_groups or fixed is None or bool(fixed.any())
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             b = i2 - i1
@@ -240,7 +242,7 @@ class SparseGPTSolver(Solver):
             if quantizer is not None:  # ŵ of the block's columns, and the error of rounding (or pruning) each
                 Q1 = torch.empty_like(W1)
                 inv_d1 = 1.0 / d1
-                keep = (scale == 0).float()
+                keep = (scale == 0).float() if any_pruned else None
             # Each column's error is spread over the rest of its sub-block with one rank-1 update, and
             # over the rest of the block with one matrix product per sub-block. Row i is final once
             # reached, so the zeros are written after the loop.
@@ -260,7 +262,7 @@ class SparseGPTSolver(Solver):
                             quantizer.use_group(group_of[i1 + i])
                         elif (i1 + i) % quantizer.g == 0:
                             quantizer.start_group(WT, i1 + i, fixed)
-                        quantizer.round_(W1[i], keep[i], Q1[i])
+                        quantizer.round_(W1[i], None if keep is None else keep[i], Q1[i])
                         torch.sub(W1[i], Q1[i], out=Err1[i]).mul_(inv_d1[i])
                     if i + 1 < j2:
                         W1[i + 1 : j2].addr_(U1[i, i + 1 : j2], Err1[i], alpha=-1)
