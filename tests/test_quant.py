@@ -94,6 +94,33 @@ def test_stacked_weights_quantize_as_if_alone():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+def test_the_mse_observer_picks_each_rows_best_factor_in_every_group_at_once(symmetric):
+    """Static groups ([groups, g, rows], as choose_all passes them): every row of every group gets the factor of
+    SHRINKS with the least weighted error, found here by brute force, and the batched call equals one call a group."""
+    from llmprune.quant import SHRINKS, clipped_qparams, qparams
+
+    gen = torch.Generator().manual_seed(11)
+    blocks = torch.randn(3, 16, 24, generator=gen) * (1 + 5 * (torch.rand(3, 16, 24, generator=gen) < 0.05))
+    importance = torch.rand(3, 16, generator=gen) + 0.1
+    scheme = QuantScheme(4, 16, symmetric, observer="mse")
+    s, z = clipped_qparams(blocks, importance, scheme)
+    assert s.shape == z.shape == (3, 24)
+    errors = []
+    for shrink in SHRINKS:
+        ss, zz = qparams(blocks.amin(1) * shrink, blocks.amax(1) * shrink, scheme)
+        q = (torch.round(blocks / ss[:, None]) + zz[:, None]).clamp(scheme.qmin, scheme.qmax)
+        errors.append((((q - zz[:, None]) * ss[:, None] - blocks).square() * importance[..., None]).sum(1))
+    errors = torch.stack(errors)  # [factors, groups, rows]
+    q = (torch.round(blocks / s[:, None]) + z[:, None]).clamp(scheme.qmin, scheme.qmax)
+    chosen = (((q - z[:, None]) * s[:, None] - blocks).square() * importance[..., None]).sum(1)
+    assert torch.allclose(chosen, errors.amin(0), rtol=1e-5, atol=1e-9)
+    assert (errors.argmin(0) > 0).any()  # some rows do shrink: the test can tell a search from the full range
+    for k in range(3):
+        sk, zk = clipped_qparams(blocks[k], importance[k], scheme)
+        assert torch.equal(sk, s[k]) and torch.equal(zk, z[k])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 def test_the_mse_observer_never_rounds_a_group_worse_and_helps_gptq_after_2of4(symmetric):
     from llmprune.quant import clipped_qparams, qparams
 
