@@ -168,6 +168,16 @@ def qparams(lo: Tensor, hi: Tensor, scheme: QuantScheme, dtype: torch.dtype = to
     return scale, zero
 
 
+def round_to_grid(x: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme, *, out: Tensor) -> Tensor:
+    """out ← x rounded to the grid of scale and zero (broadcast against x), dequantized: (clamp(round(x / s) + z) −
+    z) · s, in place in `out` (the hot loops call it per column and per range factor). A symmetric scheme's zero
+    point is 0 and skipped."""
+    torch.div(x, scale, out=out).round_()
+    if scheme.symmetric:
+        return out.clamp_(scheme.qmin, scheme.qmax).mul_(scale)
+    return out.add_(zero).clamp_(scheme.qmin, scheme.qmax).sub_(zero).mul_(scale)
+
+
 def clipped_qparams(block: Tensor, importance: Tensor, scheme: QuantScheme,
                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(scale, zero_point) of groups block [..., g, rows] (a group's inputs along dim −2, one group per row): the
@@ -185,13 +195,7 @@ def clipped_qparams(block: Tensor, importance: Tensor, scheme: QuantScheme,
     for shrink in SHRINKS:
         s, z = qparams(lo * shrink, hi * shrink, scheme, dtype)
         sb = s.reshape(-1, 1, flat.shape[-1])
-        torch.div(flat, sb, out=buf).round_()
-        if scheme.symmetric:  # the zero point is 0
-            buf.clamp_(scheme.qmin, scheme.qmax)
-        else:
-            zb = z.reshape(-1, 1, flat.shape[-1])
-            buf.add_(zb).clamp_(scheme.qmin, scheme.qmax).sub_(zb)
-        buf.mul_(sb).sub_(flat).square_()
+        round_to_grid(flat, sb, z.reshape(-1, 1, flat.shape[-1]), scheme, out=buf).sub_(flat).square_()
         err = torch.bmm(weight, buf).reshape(s.shape)
         if best is None:
             best, best_err = [s, z], err
@@ -346,11 +350,7 @@ class ColumnQuantizer:
 
     def round_(self, row: Tensor, keep: Tensor | None, out: Tensor) -> None:
         """out ← ŵ of one column (row of WT), 0 where keep is 0."""
-        torch.div(row, self._s, out=out).round_()
-        if self.scheme.symmetric:  # zero point 0: two operators fewer a column
-            out.clamp_(self.scheme.qmin, self.scheme.qmax).mul_(self._s)
-        else:
-            out.add_(self._z).clamp_(self.scheme.qmin, self.scheme.qmax).sub_(self._z).mul_(self._s)
+        round_to_grid(row, self._s, self._z, self.scheme, out=out)
         if keep is not None:
             out.mul_(keep)
 
