@@ -98,7 +98,7 @@ class ALPSSolver(Solver):
         """(Ĥ, d, eigenvalues, eigenvectors): Ĥ = D⁻¹(H + λI)D⁻¹ with d = √diag(H + λI)."""
         if self._basis is None:
             self._batch = None
-            H = symmetric(self.H).float()
+            H = symmetric(self.H, torch.float32)
             mean = torch.diagonal(H).mean()
             damp = self.percdamp * mean if mean > 0 else torch.ones((), device=H.device)  # only zero inputs: Ĥ = I
             H.diagonal().add_(damp)
