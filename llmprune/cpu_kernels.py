@@ -115,10 +115,10 @@ def cache_dir() -> Path:
     return Path(base) / "llmprune" / "kernels"
 
 
-def _build_key() -> str:
+def _build_key(sources: tuple[str, ...] = (SOURCE, BODY)) -> str:
     """Sources, torch and Python versions: a compiled module is reused only where all three match."""
     digest = hashlib.sha256()
-    for name in (SOURCE, BODY):
+    for name in sources:
         digest.update((source_dir() / name).read_bytes())
     digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
     return digest.hexdigest()[:12]
@@ -127,48 +127,68 @@ def _build_key() -> str:
 _refusal: str | None = None
 
 
+def compile_module(stem: str, sources: tuple[str, ...], what: str):
+    """kernels/sources[0] (including the others) built with torch's cpp_extension into cache_dir()/stem-KEY on first
+    use, loaded from there after: (module, None), or (None, why in one line) where no C++ compiler is found or the
+    build fails. `what` names the kernels in messages."""
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ('{compiler}') is on PATH to build {what}; install g++ or clang++"
+    from torch.utils import cpp_extension
+
+    key = _build_key(sources)
+    build = cache_dir() / f"{stem}-{key}"
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return None, f"cannot create the kernel cache {build} ({err.strerror}); set LLMPRUNE_KERNEL_CACHE to a writable folder"
+    fresh = not any(build.glob("*.so"))
+    started = time.perf_counter()
+    if fresh:
+        log.info("compiling %s for this machine (once; cached in %s)", what, build)
+    # OpenMP: at::parallel_for runs on torch's pool only in code built with it (torch ships the same libgomp)
+    refusal = None
+    for flags in (["-fopenmp"], []):
+        try:
+            module = cpp_extension.load(name=f"llmprune_{stem.replace('-', '_')}_{key}", sources=[str(source_dir() / sources[0])],
+                                        extra_cflags=["-O3", "-std=c++17", *flags], extra_ldflags=flags,
+                                        extra_include_paths=[str(source_dir())], build_directory=str(build), verbose=False)
+        except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            refusal = f"{what} failed to build ({first[:200]})"
+            log.debug("%s build failed with flags %s", what, flags, exc_info=True)
+            continue
+        if not module.threaded():
+            log.warning("%s were built without OpenMP (the compiler refused -fopenmp): they run on one thread", what)
+        if fresh:
+            log.info("%s compiled in %.0f s", what, time.perf_counter() - started)
+        return module, None
+    return None, refusal
+
+
 @functools.lru_cache(maxsize=1)
 def extension():
     """The compiled module (built on first use, then loaded from the cache), or None where it cannot be built
     (no C++ compiler, a failed build): `refusal()` then says why in one line."""
     global _refusal
-    compiler = os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
-        _refusal = f"no C++ compiler ('{compiler}') is on PATH to build the CPU kernels; install g++ or clang++"
-        return None
-    from torch.utils import cpp_extension
+    module, _refusal = compile_module("cpu", (SOURCE, BODY), "the CPU kernels")
+    if module is not None:
+        configure(module)
+    return module
 
-    key = _build_key()
-    build = cache_dir() / f"cpu-{key}"
-    try:
-        build.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        _refusal = f"cannot create the kernel cache {build} ({err.strerror}); set LLMPRUNE_KERNEL_CACHE to a writable folder"
+
+GPTQ_SOURCE = "gptq_cpu.cpp"
+
+
+@functools.lru_cache(maxsize=1)
+def gptq_extension():
+    """The compiled GPTQ column loop (kernels/gptq_cpu.cpp), or None: no compiler, a failed build, or
+    LLMPRUNE_GPTQ_KERNEL=0 in the environment; GPTQ then runs its loop in torch (the same rounding)."""
+    if os.environ.get("LLMPRUNE_GPTQ_KERNEL", "1") == "0":
         return None
-    fresh = not any(build.glob("*.so"))
-    started = time.perf_counter()
-    if fresh:
-        log.info("compiling llmprune's CPU kernels for this machine (once; cached in %s)", build)
-    # OpenMP: at::parallel_for runs on torch's pool only in code built with it (torch ships the same libgomp)
-    module = None
-    for flags in (["-fopenmp"], []):
-        try:
-            module = cpp_extension.load(name=f"llmprune_cpu_{key}", sources=[str(source_dir() / SOURCE)],
-                                        extra_cflags=["-O3", "-std=c++17", *flags], extra_ldflags=flags,
-                                        extra_include_paths=[str(source_dir())], build_directory=str(build), verbose=False)
-            break
-        except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            _refusal = f"the CPU kernels failed to build ({first[:200]})"
-            log.debug("CPU kernel build failed with flags %s", flags, exc_info=True)
+    module, why = compile_module("gptq", (GPTQ_SOURCE,), "the CPU GPTQ kernel")
     if module is None:
-        return None
-    _refusal = None
-    configure(module)
-    if not module.threaded():
-        log.warning("the CPU kernels were built without OpenMP (the compiler refused -fopenmp): they run on one thread")
-    if fresh:
-        log.info("CPU kernels compiled in %.0f s", time.perf_counter() - started)
+        log.info("GPTQ's column loop runs in torch: %s", why)
     return module
 
 

@@ -265,3 +265,56 @@ def test_every_block_is_placed_while_it_runs(monkeypatch, schedule):
         calibrate.prune_model(model, windows, plan_for(model, windows, method="wanda", sparsity=0.5,
                                                        sequential=schedule == "sequential"))
     assert log == list(range(len(blocks)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_attention_gives_every_block_the_outputs_of_sdpa(arch, monkeypatch):
+    """The calibration forward's causal attention cut into query chunks (attention.py) changes no block output
+    beyond rounding, on every architecture (Gemma-3's 16-token sliding window included, with 200 tokens), and
+    leaves the configs as it found them."""
+    import transformers.integrations.sdpa_attention as sdpa
+    from llmprune.calibrate import attention
+
+    model = tiny_model(arch)
+    model.config._attn_implementation = "sdpa"
+    _, blocks = find_blocks(model)
+    calls = {"chunk": 0, "whole": 0}
+    whole = sdpa.sdpa_attention_forward
+
+    def counting(module, query, *args, **kwargs):
+        calls["chunk" if query.shape[2] <= attention.CHUNK else "whole"] += 1
+        return whole(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", counting)
+    with torch.no_grad():
+        cache = ActivationCache.capture(model, blocks, [windows(3, 2 * attention.CHUNK + 72)], torch.device("cpu"))
+        for i, block in enumerate(blocks):
+            expected = run_block(block, i, cache, 0)
+            with attention.chunked_attention(blocks, torch.device("cpu")):
+                got = run_block(block, i, cache, 0)
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (arch, i, (got - expected).abs().max())
+    assert model.config._attn_implementation == "sdpa"
+    if calls["whole"] + calls["chunk"]:  # the architectures whose attention goes through transformers' interface
+        assert calls["chunk"] >= 3 * len(blocks), calls  # 200 queries: 4 chunks a call
+
+
+def test_chunked_attention_runs_whole_where_sequences_differ():
+    """A padding mask that differs between sequences is not cut: the call is transformers' own, unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llmprune.calibrate.attention import CHUNK, chunked_sdpa
+
+    model = tiny_model("llama")
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 2 * CHUNK, 16, generator=g) for heads in (4, 2, 2))
+    causal = torch.ones(2 * CHUNK, 2 * CHUNK, dtype=torch.bool).tril()
+    mask = causal.repeat(2, 1, 1, 1)
+    mask[1, :, 5:, :5] = False  # the second sequence's later tokens do not see its first 5 (padding)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    got, _ = chunked_sdpa(module, q, k, v, mask, scaling=0.25)
+    assert torch.equal(got, expected)
+    shared = causal.expand(2, 1, 2 * CHUNK, 2 * CHUNK)  # one mask for both: cut, the same to rounding
+    expected, _ = sdpa_attention_forward(module, q, k, v, shared, scaling=0.25)
+    got, _ = chunked_sdpa(module, q, k, v, shared, scaling=0.25)
+    assert torch.allclose(got, expected, atol=1e-6)

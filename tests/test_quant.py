@@ -421,3 +421,39 @@ def test_descent_of_stacked_weights_is_each_weights_own():
         assert t.codes.shape == a.codes.shape and torch.equal(t.scale, a.scale)
         assert (t.codes == a.codes).float().mean() > 0.99
         assert (t.weight[masks[0 if t.codes.shape[0] == 24 else 1]] == 0).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("actorder", [False, True])
+def test_the_compiled_column_loop_equals_the_torch_loop(scheme, actorder, monkeypatch):
+    """kernels/gptq_cpu.cpp runs GPTQ's column loop (rounding, errors, the rank-1 updates inside each sub-block) on
+    row slices in parallel; it must give the torch loop's weights and codes, with groups starting inside sub-blocks
+    (16 inputs), a last partial block and sub-block (176 inputs), rows not a multiple of its 256-row tasks (300 and
+    44 stacked) and pruned positions held at 0."""
+    import llmprune.cpu_kernels as ck
+
+    if ck.gptq_extension() is None:
+        pytest.skip("the CPU GPTQ kernel cannot be built here (no C++ compiler)")
+    cols = 176 if scheme.group_size in (0, 16) else 160
+    X = realistic_inputs(1024, cols)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(300, cols, generator=g), torch.randn(44, cols, generator=g)]
+    masks = [torch.rand(W.shape, generator=g) < 0.3 for W in weights]
+
+    def run():
+        return sparsegpt_on(X, cols).quantize_many([W.clone() for W in weights], masks, scheme, actorder=actorder)
+
+    compiled = run()
+    monkeypatch.setenv("LLMPRUNE_GPTQ_KERNEL", "0")
+    ck.gptq_extension.cache_clear()
+    try:
+        assert ck.gptq_extension() is None
+        loop = run()
+    finally:
+        monkeypatch.undo()
+        ck.gptq_extension.cache_clear()
+    for a, b, M in zip(compiled, loop, masks):
+        assert torch.equal(a.codes, b.codes)
+        assert torch.allclose(a.weight, b.weight, atol=1e-6, rtol=1e-5), (a.weight - b.weight).abs().max()
+        assert torch.allclose(a.scale, b.scale, rtol=1e-5, atol=0)
+        assert bool((a.weight[M] == 0).all())

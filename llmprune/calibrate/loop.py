@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from llmprune.calibrate.attention import chunked_attention
 from llmprune.calibrate.cache import ActivationCache, run_block
 from llmprune.calibrate.lockstep import run_lockstep
 from llmprune.calibrate.pruner import BlockPruner, Hooks, LinearResult, apply
@@ -94,16 +95,17 @@ def prune_model(model: nn.Module, windows: Tensor | None, plan: Plan, store: Blo
                                 "without --resume.")
         tokens = dist.sum_int(cache.tokens())
         shared: dict[str, list[str]] = {}  # the previous block's input-sharing groups, relative to the block
-        for i in range(start, len(blocks)):
-            last = i == len(blocks) - 1
-            progress.begin(i, "calibrating + pruning" if plan.sequential else "gathering statistics")
-            store.load(i, blocks[i])
-            with placed(blocks[i], plan.device):
-                block_results, shared = _prune_block(blocks[i], i, f"{blocks_name}.{i}", cache, plan, shared, dist,
-                                                     first_window, last, progress)
-            results.extend(block_results)
-            store.done(i, blocks[i], block_results, None if last else cache.view())
-            progress.end(i, tokens)
+        with chunked_attention(blocks, plan.device):  # entered after the capture, which builds the masks for sdpa
+            for i in range(start, len(blocks)):
+                last = i == len(blocks) - 1
+                progress.begin(i, "calibrating + pruning" if plan.sequential else "gathering statistics")
+                store.load(i, blocks[i])
+                with placed(blocks[i], plan.device):
+                    block_results, shared = _prune_block(blocks[i], i, f"{blocks_name}.{i}", cache, plan, shared,
+                                                         dist, first_window, last, progress)
+                results.extend(block_results)
+                store.done(i, blocks[i], block_results, None if last else cache.view())
+                progress.end(i, tokens)
     progress.close()
     return results
 
@@ -202,7 +204,7 @@ def outlier_ratios(model: nn.Module, windows: Tensor, plan: Plan, store: BlockSt
             with placed(blocks[i], plan.device):
                 stats = _WandaStatistics(find_linears(blocks[i], f"{blocks_name}.{i}", recipe.ignore, recipe.targets,
                                                       experts=True), plan.device)
-                with Hooks(stats, sync=False):
+                with Hooks(stats, sync=False), chunked_attention(blocks[i], plan.device):
                     for k in range(len(cache)):
                         cache.update(k, run_block(blocks[i], i, cache, k))
                 scores = []

@@ -226,6 +226,11 @@ class SparseGPTSolver(Solver):
         choose_groups = pattern.structured
         # nothing pruned (GPTQ alone): no column needs its pruned positions zeroed after rounding
         any_pruned = choose_groups or fixed is None or bool(fixed.any())
+        kernel = None
+        if quantizer is not None and not choose_groups and WT.device.type == "cpu" and WT.dtype == torch.float32:
+            from llmprune.cpu_kernels import gptq_extension
+
+            kernel = gptq_extension()
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             b = i2 - i1
@@ -245,31 +250,34 @@ class SparseGPTSolver(Solver):
                 Q1 = torch.empty_like(W1)
                 inv_d1 = 1.0 / d1
                 keep = (scale == 0).float() if any_pruned else None
-            # Each column's error is spread over the rest of its sub-block with one rank-1 update, and
-            # over the rest of the block with one matrix product per sub-block. Row i is final once
-            # reached, so the zeros are written after the loop.
-            for j1 in range(0, b, sub):
-                j2 = min(j1 + sub, b)
-                for i in range(j1, j2):
-                    if choose_groups and i % m == 0:
-                        # N:M: the group's mask is chosen from its weights as updated so far
-                        g = slice(i, i + m)
-                        scores = (W1[g] * inv_d1[g]).square_()
-                        order = torch.topk(scores, m - pattern.n, dim=0, largest=False).indices
-                        scale[g].scatter_(0, order, 1.0).mul_(inv_d1[g])
-                    if quantizer is None:
-                        torch.mul(W1[i], scale[i], out=Err1[i])
-                    else:
-                        if group_of is not None:
-                            quantizer.use_group(group_of[i1 + i])
-                        elif (i1 + i) % quantizer.g == 0:
-                            quantizer.start_group(WT, i1 + i, fixed)
-                        quantizer.round_(W1[i], None if keep is None else keep[i], Q1[i])
-                        torch.sub(W1[i], Q1[i], out=Err1[i]).mul_(inv_d1[i])
-                    if i + 1 < j2:
-                        W1[i + 1 : j2].addr_(U1[i, i + 1 : j2], Err1[i], alpha=-1)
-                if j2 < b:
-                    W1[j2:].addmm_(U1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
+            if kernel is not None:  # the same loop compiled (kernels/gptq_cpu.cpp): rounding, errors, rank-1 updates
+                _columns_compiled(kernel, quantizer, WT, W1, U1, Q1, Err1, inv_d1, keep, fixed, group_of, i1, sub)
+            else:
+                # Each column's error is spread over the rest of its sub-block with one rank-1 update, and
+                # over the rest of the block with one matrix product per sub-block. Row i is final once
+                # reached, so the zeros are written after the loop.
+                for j1 in range(0, b, sub):
+                    j2 = min(j1 + sub, b)
+                    for i in range(j1, j2):
+                        if choose_groups and i % m == 0:
+                            # N:M: the group's mask is chosen from its weights as updated so far
+                            g = slice(i, i + m)
+                            scores = (W1[g] * inv_d1[g]).square_()
+                            order = torch.topk(scores, m - pattern.n, dim=0, largest=False).indices
+                            scale[g].scatter_(0, order, 1.0).mul_(inv_d1[g])
+                        if quantizer is None:
+                            torch.mul(W1[i], scale[i], out=Err1[i])
+                        else:
+                            if group_of is not None:
+                                quantizer.use_group(group_of[i1 + i])
+                            elif (i1 + i) % quantizer.g == 0:
+                                quantizer.start_group(WT, i1 + i, fixed)
+                            quantizer.round_(W1[i], None if keep is None else keep[i], Q1[i])
+                            torch.sub(W1[i], Q1[i], out=Err1[i]).mul_(inv_d1[i])
+                        if i + 1 < j2:
+                            W1[i + 1 : j2].addr_(U1[i, i + 1 : j2], Err1[i], alpha=-1)
+                    if j2 < b:
+                        W1[j2:].addmm_(U1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
             if quantizer is None:
                 W1.masked_fill_(scale != 0, 0)
             else:
@@ -281,6 +289,38 @@ class SparseGPTSolver(Solver):
         if quantizer is None:
             return [WT[:, r1:r2].T.to(W.dtype).contiguous() for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
         return [quantizer.result(WT[:, r1:r2].T, r1, r2, W.dtype) for (r1, r2), W in zip(zip(bounds, bounds[1:]), weights)]
+
+
+def _columns_compiled(kernel, quantizer: ColumnQuantizer, WT: Tensor, W1: Tensor, U1: Tensor, Q1: Tensor, Err1: Tensor,
+                      inv_d1: Tensor, keep: Tensor | None, fixed: Tensor | None, group_of: list[int] | None, i1: int,
+                      sub: int) -> None:
+    """The quantizing column loop of one block (W1 = WT[i1 : i1 + b]) in the compiled kernel: per sub-block, its
+    columns rounded with their rank-1 updates inside it, then one product for the rest of the block, as the torch
+    loop does. Scales chosen as the loop reaches a group (no activation order) are chosen here, between calls."""
+    b, rows = W1.shape
+    scheme = quantizer.scheme
+    U1c, inv_d = U1.contiguous(), inv_d1.reshape(-1).contiguous()
+    no_keep = torch.empty(0)
+    if group_of is not None:
+        scale, zero = quantizer._static
+        groups = torch.tensor(group_of[i1 : i1 + b], dtype=torch.int64)
+    else:
+        groups = torch.zeros(b, dtype=torch.int64)
+    for j1 in range(0, b, sub):
+        j2 = min(j1 + sub, b)
+        a = j1
+        while a < j2:
+            stop = j2
+            if group_of is None:
+                if (i1 + a) % quantizer.g == 0:
+                    quantizer.start_group(WT, i1 + a, fixed)
+                stop = min(j2, (i1 + a) // quantizer.g * quantizer.g + quantizer.g - i1)
+                scale, zero = quantizer._s.reshape(1, rows).contiguous(), quantizer._z.reshape(1, rows).contiguous()
+            kernel.gptq_columns(W1, U1c, Q1, Err1, inv_d, scale, zero, groups, no_keep if keep is None else keep, a,
+                                stop, j2, float(scheme.qmin), float(scheme.qmax), bool(scheme.symmetric))
+            a = stop
+        if j2 < b:
+            W1[j2:].addmm_(U1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
 
 
 def _stack(weights: list[Tensor]) -> tuple[Tensor, list[int]]:
