@@ -318,3 +318,18 @@ def test_chunked_attention_runs_whole_where_sequences_differ():
     expected, _ = sdpa_attention_forward(module, q, k, v, shared, scaling=0.25)
     got, _ = chunked_sdpa(module, q, k, v, shared, scaling=0.25)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_the_last_block_stops_once_its_last_linear_is_pruned():
+    """Nothing reads the last block's outputs: the sequential schedule unwinds its micro-batches once its last linear
+    (down_proj) is pruned, so that linear's forward never runs there, while the block before still runs whole."""
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    ran = {i: 0 for i in range(len(blocks))}
+    for i, block in enumerate(blocks):
+        block.mlp.down_proj.register_forward_hook(lambda *_, i=i: ran.__setitem__(i, ran[i] + 1))
+    ids = windows()
+    results = calibrate.prune_model(model, ids, plan_for(model, ids, method="sparsegpt", sparsity=0.5, microbatch=2))
+    assert ran[0] == 3 and ran[len(blocks) - 1] == 0, ran  # 6 windows in micro-batches of 2
+    assert {r.name for r in results} >= {f"model.layers.{len(blocks) - 1}.mlp.down_proj"}
+    assert int((blocks[-1].mlp.down_proj.weight == 0).sum()) == blocks[-1].mlp.down_proj.weight.numel() // 2

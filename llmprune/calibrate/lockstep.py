@@ -11,12 +11,19 @@ from llmprune.calibrate.cache import ActivationCache, run_block
 from llmprune.calibrate.pruner import BlockPruner
 
 
-def run_lockstep(block: nn.Module, index: int, cache: ActivationCache, pruner: BlockPruner) -> list[Tensor]:
-    """Every micro-batch's output of block `index`, each linear pruned when every micro-batch reached it."""
+def run_lockstep(block: nn.Module, index: int, cache: ActivationCache, pruner: BlockPruner,
+                 outputs_needed: bool = True) -> list[Tensor] | None:
+    """Every micro-batch's output of block `index`, each linear pruned when every micro-batch reached it. Without
+    `outputs_needed` (the last block), the micro-batches stop once its last linear is pruned: None."""
     workers = [greenlet.greenlet(lambda k=k: ("done", run_block(block, index, cache, k))) for k in range(len(cache))]
     outputs: list[Any] = [None] * len(workers)
     with pruner.hooks(sync=True):
         while True:
+            if not outputs_needed and pruner.linears.keys() <= pruner.pruned:
+                for worker in workers:  # the rest of the block's forward feeds nothing: unwind it (GreenletExit)
+                    if not worker.dead:
+                        worker.throw()
+                return None
             events = []
             for k, worker in enumerate(workers):
                 if worker.dead:

@@ -149,7 +149,7 @@ def _prune_block(block: nn.Module, index: int, prefix: str, cache: ActivationCac
                          lambda name: plan.sparsity_of(index, name), recipe.parsed_pattern, plan.device, predicted,
                          recipe.dsnot, dist, first_window, recipe.solver_options, recipe.quant_scheme)
     if plan.sequential:
-        for k, out in enumerate(run_lockstep(block, index, cache, pruner)):
+        for k, out in enumerate(run_lockstep(block, index, cache, pruner, outputs_needed=not last) or []):
             cache.update(k, out)
     else:
         with pruner.hooks(sync=False):
