@@ -8,7 +8,8 @@ windows leave the block as the next block's inputs. The modules:
 - cache.py: the calibration activations (in memory or on disk) and the capture of block 0's inputs;
 - pruner.py: the hooks, the grouping of linears that read one input under one solver, the solves;
 - lockstep.py: the sequential schedule's greenlets;
-- sharing.py: solves shared by torch.distributed ranks.
+- sharing.py: solves shared by torch.distributed ranks;
+- attention.py: on a CPU, the blocks' causal attention in query chunks while the loop runs them.
 
 Two schedules (plan.py chooses):
 - sequential (default): one pass per block. The micro-batches run as cooperative greenlets that all pause at each
