@@ -17,6 +17,8 @@
 // take a fourth kernel of bf16 dot products (namespace avx512bf16). Work is split over output rows on torch's thread pool (at::parallel_for).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "cpu_common.h"
 #include <c10/util/Half.h>
 #if defined(__x86_64__) || defined(__i386__)
 #define LLMPRUNE_X86 1
@@ -573,16 +575,8 @@ torch::Tensor expand(torch::Tensor values, torch::Tensor masks, torch::Tensor of
 
 }  // namespace llmprune_cpu
 
-bool threaded() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("threaded", &threaded, "whether the build runs on torch's OpenMP thread pool");
+  m.def("threaded", &llmprune_common::threaded, "whether the build runs on torch's OpenMP thread pool");
   m.def("cpu_vendor", &llmprune_cpu::cpu_vendor, "intel, amd or other");
   m.def("set_fp32_expand_load", &llmprune_cpu::set_fp32_expand_load, "AVX-512 fp32 values: vexpandps from memory (else table permutations)");
   m.def("fp32_expand_load", &llmprune_cpu::fp32_expand_load, "whether the AVX-512 fp32 expansion loads with vexpandps");

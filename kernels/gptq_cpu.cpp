@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_common.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -97,17 +99,9 @@ void gptq_columns(torch::Tensor W1, torch::Tensor U1, torch::Tensor Q1, torch::T
   });
 }
 
-bool threaded() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_columns", &gptq_columns, "GPTQ's rounding and in-stretch error feedback over columns [start, stop)");
-  m.def("threaded", &threaded, "whether the module was built with OpenMP");
+  m.def("threaded", &llmprune_common::threaded, "whether the module was built with OpenMP");
 }

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-SOURCE, BODY = "bitmask_cpu.cpp", "bitmask_cpu_body.h"
+SOURCE, BODY, COMMON = "bitmask_cpu.cpp", "bitmask_cpu_body.h", "cpu_common.h"
 ISAS = ("portable", "avx2", "avx512", "avx512bf16")  # the C++ side's numbering; each level runs the ones below it
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_ALIGN = 64  # inputs per row are padded to this (the gather kernel reads the mask 64 bits at a time)
@@ -115,7 +115,7 @@ def cache_dir() -> Path:
     return Path(base) / "llmprune" / "kernels"
 
 
-def _build_key(sources: tuple[str, ...] = (SOURCE, BODY)) -> str:
+def _build_key(sources: tuple[str, ...] = (SOURCE, BODY, COMMON)) -> str:
     """Sources, torch and Python versions: a compiled module is reused only where all three match."""
     digest = hashlib.sha256()
     for name in sources:
@@ -171,7 +171,7 @@ def extension():
     """The compiled module (built on first use, then loaded from the cache), or None where it cannot be built
     (no C++ compiler, a failed build): `refusal()` then says why in one line."""
     global _refusal
-    module, _refusal = compile_module("cpu", (SOURCE, BODY), "the CPU kernels")
+    module, _refusal = compile_module("cpu", (SOURCE, BODY, COMMON), "the CPU kernels")
     if module is not None:
         configure(module)
     return module
@@ -186,7 +186,7 @@ def gptq_extension():
     LLMPRUNE_GPTQ_KERNEL=0 in the environment; GPTQ then runs its loop in torch (the same rounding)."""
     if os.environ.get("LLMPRUNE_GPTQ_KERNEL", "1") == "0":
         return None
-    module, why = compile_module("gptq", (GPTQ_SOURCE,), "the CPU GPTQ kernel")
+    module, why = compile_module("gptq", (GPTQ_SOURCE, COMMON), "the CPU GPTQ kernel")
     if module is None:
         log.info("GPTQ's column loop runs in torch: %s", why)
     return module

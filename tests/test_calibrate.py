@@ -294,12 +294,34 @@ def test_chunked_attention_gives_every_block_the_outputs_of_sdpa(arch, monkeypat
                 got = run_block(block, i, cache, 0)
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (arch, i, (got - expected).abs().max())
     assert model.config._attn_implementation == "sdpa"
-    if calls["whole"] + calls["chunk"]:  # the architectures whose attention goes through transformers' interface
-        assert calls["chunk"] >= 3 * len(blocks), calls  # 200 queries: 4 chunks a call
+    if arch == "gemma3":  # its 16-token window (layer 0) is cut into chunks of 64 queries: 200 queries, 4 chunks
+        assert calls["chunk"] == 4, calls
+
+
+def test_a_causal_boolean_mask_goes_as_is_causal(monkeypatch):
+    """A boolean mask that is exactly the causal triangle (Gemma-3's window at a sequence no longer than it) reaches
+    the kernel as is_causal with no mask, which torch's CPU kernel computes without the blocks above the diagonal."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from llmprune.calibrate.attention import CHUNK, chunked_sdpa
+
+    seen = []
+    whole = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward",
+                        lambda m, q, k, v, mask, **kw: seen.append((mask, kw.get("is_causal"))) or whole(m, q, k, v, mask, **kw))
+    module = tiny_model("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, heads, 3 * CHUNK, 16, generator=g) for heads in (4, 2, 2))
+    causal = torch.ones(3 * CHUNK, 3 * CHUNK, dtype=torch.bool).tril().expand(3, 1, 3 * CHUNK, 3 * CHUNK)
+    got, _ = chunked_sdpa(module, q, k, v, causal, scaling=0.25)
+    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] is True
+    expected, _ = whole(module, q, k, v, causal, scaling=0.25)
+    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_chunked_attention_runs_whole_where_sequences_differ():
-    """A padding mask that differs between sequences is not cut: the call is transformers' own, unchanged."""
+    """A padding mask that differs between sequences is not cut: the call is transformers' own, unchanged. A shared
+    causal triangle (is_causal) and a shared window (chunks) give transformers' values to rounding."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from llmprune.calibrate.attention import CHUNK, chunked_sdpa
@@ -314,10 +336,12 @@ def test_chunked_attention_runs_whole_where_sequences_differ():
     expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     got, _ = chunked_sdpa(module, q, k, v, mask, scaling=0.25)
     assert torch.equal(got, expected)
-    shared = causal.expand(2, 1, 2 * CHUNK, 2 * CHUNK)  # one mask for both: cut, the same to rounding
-    expected, _ = sdpa_attention_forward(module, q, k, v, shared, scaling=0.25)
-    got, _ = chunked_sdpa(module, q, k, v, shared, scaling=0.25)
-    assert torch.allclose(got, expected, atol=1e-6)
+    window = causal & ~torch.ones_like(causal).tril(-40)  # a 40-token window, one mask for both: cut into chunks
+    for shared in (causal, window):  # the plain triangle goes as is_causal; both the same to rounding
+        shared = shared.expand(2, 1, 2 * CHUNK, 2 * CHUNK)
+        expected, _ = sdpa_attention_forward(module, q, k, v, shared, scaling=0.25)
+        got, _ = chunked_sdpa(module, q, k, v, shared, scaling=0.25)
+        assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_the_last_block_stops_once_its_last_linear_is_pruned():
