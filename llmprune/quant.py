@@ -339,6 +339,13 @@ class ColumnQuantizer:
             return torch.ones(count, device=device)
         return self.importance[i : i + count].float()
 
+    def grid(self, static: bool) -> tuple[Tensor, Tensor]:
+        """The scales and zero points columns round with: every static group's ([groups, out], after choose_all), or
+        the current group's ([1, out], after start_group)."""
+        if static:
+            return self._static
+        return self._s.reshape(1, -1).contiguous(), self._z.reshape(1, -1).contiguous()
+
     def use_group(self, k: int) -> None:
         """Round the next columns with the (static) scales of group k."""
         self._s, self._z = self._static[0][k], self._static[1][k]

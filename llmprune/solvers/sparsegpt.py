@@ -297,12 +297,12 @@ def _columns_compiled(kernel, quantizer: ColumnQuantizer, WT: Tensor, W1: Tensor
     """The quantizing column loop of one block (W1 = WT[i1 : i1 + b]) in the compiled kernel: per sub-block, its
     columns rounded with their rank-1 updates inside it, then one product for the rest of the block, as the torch
     loop does. Scales chosen as the loop reaches a group (no activation order) are chosen here, between calls."""
-    b, rows = W1.shape
+    b = W1.shape[0]
     scheme = quantizer.scheme
     U1c, inv_d = U1.contiguous(), inv_d1.reshape(-1).contiguous()
     no_keep = torch.empty(0)
     if group_of is not None:
-        scale, zero = quantizer._static
+        scale, zero = quantizer.grid(static=True)
         groups = torch.tensor(group_of[i1 : i1 + b], dtype=torch.int64)
     else:
         groups = torch.zeros(b, dtype=torch.int64)
@@ -315,7 +315,7 @@ def _columns_compiled(kernel, quantizer: ColumnQuantizer, WT: Tensor, W1: Tensor
                 if (i1 + a) % quantizer.g == 0:
                     quantizer.start_group(WT, i1 + a, fixed)
                 stop = min(j2, (i1 + a) // quantizer.g * quantizer.g + quantizer.g - i1)
-                scale, zero = quantizer._s.reshape(1, rows).contiguous(), quantizer._z.reshape(1, rows).contiguous()
+                scale, zero = quantizer.grid(static=False)
             kernel.gptq_columns(W1, U1c, Q1, Err1, inv_d, scale, zero, groups, no_keep if keep is None else keep, a,
                                 stop, j2, float(scheme.qmin), float(scheme.qmax), bool(scheme.symmetric))
             a = stop
