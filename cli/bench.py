@@ -48,6 +48,8 @@ def bench(
 
     if device not in ("auto", "cpu", "cuda"):
         raise LlmpruneError(f"--device must be cuda, cpu or auto; got '{device}'.")
+    if not 1 <= repeats <= 100000:
+        raise LlmpruneError(f"--repeats must be between 1 and 100000 timed runs; got {repeats}.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if tokens is None:
@@ -60,6 +62,7 @@ def bench(
     token_counts = _token_counts(tokens)
     b.require_gpu()
     loaded, _, _ = load_model(model)
+    _check_positions(loaded, decode_tokens + 24)  # its prompt (16) and cache margin (8)
     result = {"environment": b.environment(),
               "kernels": b.kernel_table(loaded, dtype=kinds[dtype], tokens=token_counts, repeats=repeats),
               "decode": b.decode_speed(loaded, tokens=decode_tokens, dtype=kinds[dtype])}
@@ -105,6 +108,17 @@ def _token_counts(tokens: str) -> tuple[int, ...]:
     return token_counts
 
 
+def _check_positions(model, needed: int) -> None:
+    """The decode's prompt and new tokens within the positions the model was built for, or a one-line error."""
+    from llmprune.errors import LlmpruneError
+    from llmprune.models import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and needed > limit:
+        raise LlmpruneError(f"the decode needs {needed} positions (--prompt and --decode-tokens), beyond this model's "
+                            f"{limit}; pass smaller values.")
+
+
 def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_tokens: int, prompt: int, json_output: bool):
     import sys
 
@@ -125,6 +139,7 @@ def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_token
     if cpu_kernels.refusal() is not None:
         raise LlmpruneError(f"the CPU kernels cannot run here: {cpu_kernels.refusal()}.")
     loaded, _, _ = load_model(model, dtype="float32")
+    _check_positions(loaded, prompt + decode_tokens)
     dtypes = tuple(names[v] for v in wanted)
     result = {"environment": b.environment(),
               "kernels": b.kernel_table(loaded, tokens=token_counts, repeats=repeats, value_dtypes=dtypes)}

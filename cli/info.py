@@ -83,7 +83,9 @@ def render(result: dict) -> None:
         r = result["recipe"]
         extras = "".join([f" · OWL (M={r.get('owl_m')}, λ={r.get('owl_lambda')})" if r.get("allocation") == "owl" else "",
                           f" · DSnoT ({r.get('dsnot_cycles')} cycles)" if r.get("refine") == "dsnot" else "",
-                          f" · GPTQ {r.get('quantize')} g{r.get('group_size')}" if r.get("quantize", "none") != "none" else ""])
+                          f" · GPTQ {r.get('quantize')} g{r.get('group_size')}" if r.get("quantize", "none") != "none" else "",
+                          " (stored de-quantized here: converted)" if r.get("quantize", "none") != "none"
+                          and not result.get("quantization") else ""])
         console.print(f"recipe: {r.get('method')} · sparsity {r.get('sparsity')} · {r.get('pattern')}{extras} · calibration "
                       f"{r.get('nsamples')}×{r.get('seqlen')} of {r.get('calibration')} · seed {r.get('seed')}")
     experts = result.get("experts") or []

@@ -85,7 +85,7 @@ def prune(
     """
     import os
 
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1")
     setup_logging(verbose, quiet=json_output or not main_rank)
     from llmprune.api import prune as run_prune
     from llmprune.recipe import Recipe, load_recipe

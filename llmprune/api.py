@@ -15,6 +15,7 @@ from torch import nn
 from llmprune import calibrate, checkpoint, data, models
 from llmprune import plan as plan_
 from llmprune.errors import LlmpruneError
+from llmprune.masks import check_pattern_fits
 from llmprune.partial import PartialRun, partial_path
 from llmprune.recipe import RECIPE_FILE, Recipe
 from llmprune.shards import ShardSource
@@ -89,19 +90,27 @@ def prune(model_or_path: str | nn.Module | None = None, *, recipe: Recipe | None
     checkpoint.check_format(options.format, warn=recipe.quantize == "none")
     if out is None and (options.resume or options.stream):
         raise LlmpruneError(f"{'--resume' if options.resume else '--stream'} needs --out: the finished blocks are kept beside it.")
+    if isinstance(model_or_path, str) and not model_or_path.strip():
+        raise LlmpruneError("the model is empty; pass a Hub id, a local directory, a .gguf file, or leave it out for smollm2.")
+    if options.microbatch is not None and options.microbatch < 1:
+        raise LlmpruneError(f"--microbatch must be at least 1 calibration window a forward call; got {options.microbatch}.")
     compute = plan_.resolve_device(options.device)
     dist = distributed.from_environment(compute)
     compute = distributed.local_device(compute)
-    out_dir = checkpoint.check_output(out, overwrite=options.overwrite) if out is not None else None
+    inputs = (model_or_path,) if isinstance(model_or_path, (str, os.PathLike)) else ()
+    out_dir = checkpoint.check_output(out, overwrite=options.overwrite, inputs=inputs) if out is not None else None
     partial, progress = _leftover_run(out, options.resume)
     dist.barrier()  # every rank has looked before rank 0 may create OUT.partial
 
     timings = {}
     model, tokenizer, source, shards = _load(model_or_path, tokenizer, options, dist)
-    if recipe.quant_scheme is not None:  # before any calibration: every target can be quantized, every group fits
+    if recipe.quant_scheme is not None or recipe.parsed_pattern.structured:  # before any calibration: every target fits
         blocks_name, blocks = models.find_blocks(model)
-        recipe.quant_scheme.check_linears({n: m for i, block in enumerate(blocks) for n, m in models.find_linears(
-            block, f"{blocks_name}.{i}", recipe.ignore, recipe.targets, experts=True).items()})
+        targets = {n: m for i, block in enumerate(blocks) for n, m in models.find_linears(
+            block, f"{blocks_name}.{i}", recipe.ignore, recipe.targets, experts=True).items()}
+        if recipe.quant_scheme is not None:  # every target can be quantized, every group fits
+            recipe.quant_scheme.check_linears(targets)
+        check_pattern_fits(recipe.parsed_pattern, {n: models.in_features(m) for n, m in targets.items()})
     timings["load_s"] = time.perf_counter() - started
     seqlen, capped = plan_.capped_seqlen(recipe.seqlen, model)
     windows = None
@@ -327,6 +336,10 @@ def evaluate(
     from llmprune import evaluate as ev
 
     model_specs = list(model_specs or [None])
+    if num_fewshot is not None and num_fewshot < 0:
+        raise LlmpruneError(f"--num-fewshot must be 0 or more examples; got {num_fewshot}.")
+    if start < 0:
+        raise LlmpruneError(f"--start is the first token of the text to use and must be 0 or more; got {start}.")
     task_names = ev.parse_tasks(",".join(tasks) if isinstance(tasks, (list, tuple)) else tasks)
     manager = ev.task_manager(task_names, tasks_dir) if task_names else None  # bad names fail before any load
     if batch_size < 1:

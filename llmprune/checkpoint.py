@@ -28,13 +28,33 @@ OUTPUT_FORMATS = ("dense", "compressed", "compressed-tensors")
 CONFIG_BLOCK = {"compressed": formats.LLMPRUNE, "compressed-tensors": formats.COMPRESSED_TENSORS}
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Refuse an existing output path unless overwrite; checked before any long work starts."""
+CHECKPOINT_MARKERS = ("config.json", "llmprune.json", "recipe.yaml")  # what --overwrite may replace holds one of these
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Refuse an existing output path unless overwrite, an output that is or holds one of `inputs` (the model or
+    checkpoint read: replacing it would destroy it), and, with overwrite, an existing directory that is neither
+    empty nor a checkpoint (a model's config.json, llmprune's files, or safetensors); checked before any long work
+    starts."""
+    if not str(out).strip():
+        raise LlmpruneError("--out is empty; pass the directory to write, e.g. --out pruned-model.")
     out = Path(out).expanduser()
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not str(given).strip() or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise LlmpruneError(f"--out '{out}' {'is' if source == target else 'holds'} the input '{given}', which writing "
+                                "it would destroy; choose another --out.")
     if out.exists() and not overwrite:
         raise LlmpruneError(f"output path '{out}' already exists; choose another --out or pass --overwrite.")
     if out.exists() and not out.is_dir():
         raise LlmpruneError(f"output path '{out}' is a file; choose a directory path for --out.")
+    if out.exists() and any(out.iterdir()) and not (any((out / name).exists() for name in CHECKPOINT_MARKERS)
+                                                    or any(out.glob("*.safetensors"))):
+        raise LlmpruneError(f"'{out}' holds files but no checkpoint, and --overwrite replaces only checkpoints (or "
+                            "empty directories); choose another --out.")
     check_writable(out)
     return out
 
@@ -52,9 +72,9 @@ def check_format(fmt: str, *, warn: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()):
     """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block completes."""
-    out = check_output(out, overwrite=overwrite)
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -157,15 +177,16 @@ def save_dense(model, tokenizer, out: str | os.PathLike, *, report: dict, overwr
 
 def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, overwrite: bool = False,
             allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
-    """Copy a checkpoint into the other layout; every weight keeps its exact bits."""
-    from llmprune import models
+    """Copy a checkpoint into the other layout; every weight keeps its exact bits (a quantized one's: the values
+    its codes and scales give)."""
+    from llmprune import models, quant
 
     check_format(fmt)
     source = Path(directory).expanduser()
     if not source.is_dir():
         raise LlmpruneError(f"'{directory}' is not a directory; pass a model directory.")
-    if out is not None and Path(out).expanduser().resolve() == source.resolve():
-        raise LlmpruneError("--out must differ from the source directory; conversion never rewrites its input.")
+    if out is not None:
+        check_output(out, overwrite=overwrite, inputs=(source,))  # never the input, nor a directory holding it
     model, tokenizer, _ = load_model(str(source), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report = read_report(source)
     pruned = None
@@ -178,6 +199,13 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, *, fmt: str, o
         pruned |= {p.name for i, block in enumerate(blocks) for p in models.find_linears(block, f"{blocks_name}.{i}", experts=True).values()
                     if isinstance(p, models.ExpertProjection) and _worth_compressing(p.weight_view)}
     report.setdefault("converted_from", str(source))
+    layout = read_layout(source)
+    if layout is not None and layout[1] == quant.PACK_FORMAT:
+        scheme = quant.scheme_of(read_config(source)["quantization_config"])
+        log.warning("%s is quantized (%s); %s stores its de-quantized weights (the same values, as %s), no longer "
+                    "quantized and larger", source, scheme.describe(), out,
+                    str(next(model.parameters()).dtype).removeprefix("torch."))
+        report["dequantized_from"] = scheme.describe()
     written = save(model, tokenizer, out, report=report, fmt=fmt, pruned=pruned, overwrite=overwrite)
     size = sum(f.stat().st_size for f in weight_files(written))
     return {"source": str(source), "output": str(written), "format": report.get("format", fmt), "bytes": size}
@@ -243,10 +271,23 @@ def read_config(directory: str | Path) -> dict | None:
     return read_json(path, "the checkpoint's config.json") if path.is_file() else None
 
 
+REPORT_SHAPES = {"recipe": dict, "model": dict, "timings": dict, "versions": dict, "sizes": dict, "eval": dict,
+                 "notes": list, "linears": list}  # llmprune.json's fields that readers take apart
+
+
 def read_report(directory: str | Path) -> dict:
-    """llmprune.json as a dict ({} where there is none); damaged is a one-line error."""
+    """llmprune.json as a dict ({} where there is none); damaged (not JSON, or a field of the wrong kind) is a
+    one-line error."""
     path = Path(directory) / REPORT_FILE
-    return read_json(path, f"its {REPORT_FILE} (delete it to go on without the run's record)") if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    report = read_json(path, f"its {REPORT_FILE} (delete it to go on without the run's record)")  # a dict, or an error
+    wrong = [key for key, kind in REPORT_SHAPES.items() if report.get(key) is not None and not isinstance(report[key], kind)]
+    if wrong:
+        raise LlmpruneError(f"{path} is damaged: its field '{wrong[0]}' is not a JSON "
+                            f"{'object' if REPORT_SHAPES[wrong[0]] is dict else 'array'}; delete it to go on without "
+                            "the run's record.")
+    return report
 
 
 def read_layout(directory: str | Path) -> tuple[str, str] | None:

@@ -45,6 +45,8 @@ def _load_dataset(*args, **kwargs):
 
 def read_text_file(path: Path) -> str:
     """Text of a local .txt (whole file) or .jsonl ("text" field of each line, joined by blank lines)."""
+    if path.is_dir():
+        raise LlmpruneError(f"text file '{path}' is a directory; pass a .txt or .jsonl file in it, or one of {describe_sources()}.")
     if not path.is_file():
         raise LlmpruneError(f"text file '{path}' does not exist; pass an existing .txt or .jsonl file, or one of {describe_sources()}.")
     raw = path.read_bytes()

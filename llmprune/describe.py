@@ -37,6 +37,9 @@ def loads_with(directory: str | Path) -> str:
 def _check_directory(directory: Path) -> None:
     if not directory.is_dir():
         raise LlmpruneError(f"'{directory}' is not a directory; pass a model directory (config.json + *.safetensors).")
+    if not (directory / "config.json").is_file():
+        raise LlmpruneError(f"{directory} has no config.json, so it is not a model directory; pass the directory that "
+                            "holds the model's config.json and *.safetensors.")
     if not weight_files(directory):
         if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
             raise LlmpruneError(f"{directory} holds only pickle weights (.bin/.pt), which llmprune does not open; "
@@ -169,7 +172,16 @@ def per_block_sparsity(info: dict) -> list[tuple[int, float]]:
     return [(i, z / n) for i, (z, n) in sorted(blocks.items())]
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
 def plot(info: dict, path: str | Path) -> Path:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise LlmpruneError(f"--plot {path}: {'a name without an extension' if not suffix else f'.{suffix} is not an image format'}; "
+                            f"end the file name in one of {', '.join('.' + f for f in PLOT_FORMATS)}.")
+    if Path(path).is_dir():
+        raise LlmpruneError(f"--plot {path} is a directory; pass a file name such as {Path(path) / 'sparsity.png'}.")
     try:
         import matplotlib
 

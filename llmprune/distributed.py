@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
@@ -98,9 +99,18 @@ class Dist:
 SINGLE = Dist()
 
 
+def env_int(name: str, default: int, least: int = 0) -> int:
+    """An integer torchrun's environment sets (WORLD_SIZE, LOCAL_RANK, ...), or an error naming the variable."""
+    text = os.environ.get(name, str(default)).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < least:
+        raise LlmpruneError(f"environment variable {name}={text!r} is not a whole number of at least {least}; unset it, "
+                            "or start the job with torchrun, which sets it.")
+    return int(text)
+
+
 def from_environment(device: torch.device | None = None) -> Dist:
     """The job torchrun started (initialising the process group once), or the single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1, least=1)
     if world <= 1:
         return SINGLE
     dist = torch.distributed
@@ -113,7 +123,7 @@ def from_environment(device: torch.device | None = None) -> Dist:
                                 "(torchrun --nproc-per-node N -m llmprune prune ...).")
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env_int("LOCAL_RANK", 0))
         dist.init_process_group(backend)
         log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
     return Dist(dist.get_rank(), dist.get_world_size())
@@ -121,8 +131,8 @@ def from_environment(device: torch.device | None = None) -> Dist:
 
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun, `cuda` means this process's own GPU (LOCAL_RANK)."""
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device.index is None and env_int("WORLD_SIZE", 1, least=1) > 1:
+        return torch.device("cuda", env_int("LOCAL_RANK", 0))
     return device
 
 

@@ -108,6 +108,8 @@ def parse_tasks(spec: str | None) -> list[str]:
         for name in ZEROSHOT if part == "zeroshot" else (part,):
             if name not in names:
                 names.append(name)
+    if not names:
+        raise LlmpruneError(f"--tasks '{spec}' names no task; pass lm-eval task names or 'zeroshot', comma-separated.")
     return names
 
 

@@ -53,7 +53,8 @@ def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
         os.rmdir(probe)
     except OSError as exc:
         reason = {errno.EROFS: "a read-only file system", errno.EACCES: "not writable by you",
-                  errno.EPERM: "not writable by you"}.get(exc.errno, exc.strerror or str(exc))
+                  errno.EPERM: "not writable by you", errno.ENOENT: "a file system where directories cannot be made"
+                  }.get(exc.errno, f"not writable ({exc.strerror or exc})")
         raise LlmpruneError(f"cannot write {what} '{path}': '{parent}' is {reason}; choose a writable place.") from None
     return path
 

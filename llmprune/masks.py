@@ -50,6 +50,20 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(n, m)
 
 
+def check_pattern_fits(pattern: Pattern, inputs: dict[str, int]) -> None:
+    """Every target linear's input width (name -> columns) a multiple of an N:M pattern's M, or an error naming the
+    first that is not; checked before calibration, so that no solver meets a partial group."""
+    if not pattern.structured:
+        return
+    bad = [(name, cols) for name, cols in inputs.items() if cols % pattern.m]
+    if bad:
+        name, cols = bad[0]
+        more = f" (and {len(bad) - 1} more linears)" if len(bad) > 1 else ""
+        raise LlmpruneError(f"pattern {pattern} groups every {pattern.m} inputs, but {name} has {cols}, not a multiple "
+                            f"of {pattern.m}{more}; pick an M that divides it (2:4 or 4:8 fit most models) or leave "
+                            "the linear out with --ignore.")
+
+
 def check_sparsity(sparsity: float, pattern: Pattern) -> float:
     """Validate a sparsity against a pattern; N:M fixes it at 1 - N/M."""
     if pattern.structured:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune import models
-from llmprune.distributed import SINGLE, Dist
+from llmprune.distributed import SINGLE, Dist, env_int
 from llmprune.errors import LlmpruneError
 from llmprune.recipe import Recipe
 
@@ -105,6 +105,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(name)
     except RuntimeError:
         raise LlmpruneError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto.") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise LlmpruneError(f"device '{name}' is not one llmprune runs on; use cpu, cuda, cuda:N or auto.")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise LlmpruneError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu.")
     return resolved
@@ -201,7 +203,7 @@ def should_stream(directory: Path | None, stream: bool | None, dtype: str | None
         stored = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
         size = size * wanted.itemsize // stored.itemsize
     free = free_memory()
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    processes = env_int("LOCAL_WORLD_SIZE", 1, least=1)
     if free is None or size <= free / 2 / processes:
         return False
     log.warning("streaming: the model (%.1f GB) would take more than half the free memory (%.1f GB%s); its blocks are "

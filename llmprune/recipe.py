@@ -1,6 +1,7 @@
 """Recipe: everything a pruning run needs, model-independent, validated in one place; YAML in and out."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import typing
@@ -69,6 +70,8 @@ class Recipe:
             _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
             if _HINTS[f.name] is float:
                 object.__setattr__(self, f.name, float(getattr(self, f.name)))  # 1 and 1.0 are one recipe
+                if not math.isfinite(getattr(self, f.name)):
+                    raise LlmpruneError(f"{f.name} must be a finite number; got {getattr(self, f.name)!r}.")
         if self.version != RECIPE_VERSION:
             raise LlmpruneError(f"recipe version {self.version} is not supported; this llmprune reads version {RECIPE_VERSION}.")
         if self.method not in SOLVERS:
@@ -97,7 +100,7 @@ class Recipe:
         if self.dsnot_threshold < 0:
             raise LlmpruneError(f"dsnot_threshold must be non-negative; got {self.dsnot_threshold!r} (the paper uses 0.1).")
         _choice("quantize", self.quantize, ("none", *SCHEMES))
-        if self.quant_passes != "auto" and not self.quant_passes.isdigit():
+        if self.quant_passes != "auto" and not re.fullmatch(r"[0-9]+", self.quant_passes):
             raise LlmpruneError(f"quant_passes must be auto or a whole number of passes (0 keeps GPTQ's codes); "
                                 f"got {self.quant_passes!r}.")
         if self.group_size < 0:
@@ -202,6 +205,9 @@ class Recipe:
             close = {u: _closest(u, known) for u in unknown}
             hint = "; ".join(f"'{u}' (did you mean '{c}'?)" if c else f"'{u}'" for u, c in close.items())
             raise LlmpruneError(f"unknown recipe field(s) {hint}; allowed: {', '.join(known)}.")
+        if isinstance(data.get("pattern"), int) and not isinstance(data["pattern"], bool):
+            raise LlmpruneError(f"pattern: {data['pattern']} is a number; YAML reads an unquoted N:M such as 2:4 in base 60 "
+                                "(as 124), so quote it: pattern: \"2:4\".")
         if implied or data.get("sparsity") is None:
             return cls.create(**data)
         return cls(**_coerced(data))

@@ -107,6 +107,7 @@ def test_bad_calibration_files(model_dir, tmp_path, content, fragments):
 def test_existing_output_is_refused_unless_overwrite(model_dir, text_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier checkpoint there (--overwrite replaces only checkpoints)
     (out / "keep.txt").write_text("mine")
     assert_user_error(run(*prune_args(model_dir, text_file, out)), "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
