@@ -97,6 +97,7 @@ def prune(
              "targets": tuple(target) if target else None, "ignore": tuple(ignore) if ignore else None}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = load_recipe(recipe).override(**given) if recipe else Recipe.create(**given)
+    _warn_unused(given, chosen)
     from llmprune.distributed import shutdown
 
     try:
@@ -163,3 +164,24 @@ def _render(report: dict) -> None:
         console.print(f"saved to {report['output']} ({report.get('format', 'dense')}{ratio})")
     else:
         console.print("not saved (no --out given)")
+
+
+def _warn_unused(given: dict, recipe) -> None:
+    """A warning for each flag the run will not use (a quantization option without --quantize, ...): a typo in a long
+    command line should not pass silently."""
+    import logging
+
+    unused = {"--quantize": ("group_size", "symmetric", "actorder", "observer", "quant_passes"),
+              "--allocation owl": ("owl_m", "owl_lambda"), "--refine dsnot": ("dsnot_cycles", "dsnot_threshold")}
+    active = {"--quantize": recipe.quantize != "none", "--allocation owl": recipe.allocation == "owl",
+              "--refine dsnot": recipe.refine == "dsnot"}
+    for needs, names in unused.items():
+        for name in names:
+            if name in given and not active[needs]:
+                logging.getLogger("llmprune").warning("--%s has no effect without %s; it is ignored",
+                                                      name.replace("_", "-"), needs)
+    if not recipe.needs_data and recipe.allocation != "owl":
+        for name in ("calibration", "nsamples", "seqlen", "seed"):
+            if name in given:
+                logging.getLogger("llmprune").warning("--%s has no effect: %s needs no calibration data; it is ignored",
+                                                      "calib" if name == "calibration" else name, recipe.method)

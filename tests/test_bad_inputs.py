@@ -136,3 +136,12 @@ def test_eval_refuses_nonsense_counts(pruned, text_file, extra, fragment):
 ], ids=["no repeats", "prompt beyond positions", "decode beyond positions"])
 def test_bench_refuses_impossible_runs(pruned, extra, fragment):
     assert_user_error(run("bench", pruned, "--device", "cpu", *extra), fragment)
+
+
+def test_flags_the_run_does_not_use_are_named(model_dir, tmp_path):
+    result = run("prune", model_dir, "--method", "magnitude", "--calib", tmp_path / "absent.txt", "--group-size", "16",
+                 "--owl-m", "3", "--dsnot-cycles", "5", "--device", "cpu", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    for flag in ("--group-size has no effect without --quantize", "--owl-m has no effect without --allocation owl",
+                 "--dsnot-cycles has no effect without --refine dsnot", "--calib has no effect"):
+        assert flag in result.stderr, result.stderr
