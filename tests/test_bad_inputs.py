@@ -145,3 +145,16 @@ def test_flags_the_run_does_not_use_are_named(model_dir, tmp_path):
     for flag in ("--group-size has no effect without --quantize", "--owl-m has no effect without --allocation owl",
                  "--dsnot-cycles has no effect without --refine dsnot", "--calib has no effect"):
         assert flag in result.stderr, result.stderr
+
+
+def test_local_model_directories_missing_a_part(model_dir, text_file, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(model_dir, no_tokenizer)
+    for file in no_tokenizer.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            file.unlink()
+    assert_user_error(run(*prune_args(no_tokenizer, text_file, tmp_path / "a")), "no tokenizer files")
+    no_type = tmp_path / "no-type"
+    shutil.copytree(model_dir, no_type)
+    (no_type / "config.json").write_text("{}")
+    assert_user_error(run(*prune_args(no_type, text_file, tmp_path / "b")), "no model_type")
