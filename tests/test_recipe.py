@@ -59,8 +59,8 @@ def test_act_order_is_on_for_gptq_alone_unless_asked_otherwise(fields, actorder)
 
 @pytest.mark.parametrize("fields,passes", [
     ({"sparsity": 0.0}, 0),  # GPTQ alone: no descent by default
-    ({"sparsity": 0.5}, 3), ({"pattern": "2:4", "sparsity": 0.5}, 3),
-    ({"sparsity": 0.0, "overrides": ((r"mlp", 0.5),)}, 3),
+    ({"sparsity": 0.5}, 6), ({"pattern": "2:4", "sparsity": 0.5}, 6),
+    ({"sparsity": 0.0, "overrides": ((r"mlp", 0.5),)}, 6),
     ({"sparsity": 0.0, "quant_passes": 2}, 2), ({"sparsity": 0.5, "quant_passes": "0"}, 0),
 ])
 def test_descent_passes_after_pruning_unless_asked_otherwise(fields, passes):
