@@ -32,6 +32,8 @@ layer's error towards the weight before pruning, refitting the kept weights on t
 On SmolLM2 2:4 W4 g64 (README "Sparse and quantized"; one run each): GPTQ on the pruned weight 70.76; on the
 weight before pruning 69.26 (ranges still over every weight); that and three passes of descent 61.43, or 60.43
 with the ranges over the kept weights; 2:4 unquantized 58.62. Descent from GPTQ on the pruned weight: 64.83.
+Over calibration seeds 0-4, six passes (the default after pruning, recipe.AUTO_PASSES) gave a mean of 62.07
+against 63.54 at three, lower on every seed; 2:4 unquantized 60.17.
 """
 from __future__ import annotations
 
