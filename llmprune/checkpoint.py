@@ -72,9 +72,9 @@ def check_format(fmt: str, *, warn: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()):
+def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
     """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block completes."""
-    out = check_output(out, overwrite=overwrite, inputs=inputs)
+    out = check_output(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
