@@ -97,11 +97,7 @@ def select_mask(scores: Tensor, sparsity: float, pattern: Pattern, *, per_row: b
     """
     rows, cols = scores.shape
     if pattern.structured:
-        if cols % pattern.m:
-            raise LlmpruneError(
-                f"pattern {pattern} needs the input width to be a multiple of {pattern.m}; got {cols}. "
-                "Add the linear to --ignore or pick another M."
-            )
+        check_pattern_fits(pattern, {"a linear": cols})
         groups = scores.reshape(rows, cols // pattern.m, pattern.m)
         order = torch.sort(groups, dim=-1, stable=True).indices[..., : pattern.m - pattern.n]
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)

@@ -161,6 +161,9 @@ def load_model(spec: str | None, *, dtype: str | torch.dtype | None = None, allo
     return _load_dir(source.path, torch_dtype, source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
+TOKENIZER_GLOBS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "tekken.json", "*.tiktoken")  # what tokenizers load from
+
+
 def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool = False,
               trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,7 +172,10 @@ def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool
     if local.is_dir():  # check the files before transformers reads them: damage is then one line naming the file
         from llmprune.files import read_header, read_json, weight_files
 
-        read_json(local / "config.json", "the checkpoint's config.json")
+        config = read_json(local / "config.json", "the checkpoint's config.json")
+        if "model_type" not in config:
+            raise LlmpruneError(f"{local}/config.json names no model_type, so no architecture can be built from it; "
+                                "replace it with the model's own config.json.")
         for file in weight_files(local):
             read_header(file)
     if local.is_dir() and not list(local.glob("*.safetensors")):
@@ -179,8 +185,9 @@ def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool
         if not allow_pickle:
             raise LlmpruneError(f"{local} holds only pickle weights ({pickles[0]}), which can run code when loaded; "
                                 "pass --allow-pickle if you trust them, or convert them to safetensors.")
-    if source.kind != "hub" and local.is_dir():
-        _check_local_model(local)
+    if local.is_dir() and not any(any(local.glob(pattern)) for pattern in TOKENIZER_GLOBS):
+        raise LlmpruneError(f"{local} holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); copy "
+                            "the model's tokenizer files beside its weights.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code, revision=source.revision)
         model = AutoModelForCausalLM.from_pretrained(
@@ -194,23 +201,6 @@ def _load_dir(path: str, torch_dtype, source: ModelSource, *, allow_pickle: bool
             "and HF_TOKEN for gated models, or pass a local directory."
         ) from None
     return model.eval(), tokenizer, source
-
-
-TOKENIZER_GLOBS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "tekken.json", "*.tiktoken")  # what tokenizers load from
-
-
-def _check_local_model(local: Path) -> None:
-    """A local model directory with what loading needs, or an error naming what is missing (transformers' own errors
-    speak of the Hub and of empty file lists here)."""
-    from llmprune.files import read_json
-
-    config = read_json(local / "config.json", "the checkpoint's config.json")
-    if "model_type" not in config:
-        raise LlmpruneError(f"{local}/config.json names no model_type, so no architecture can be built from it; "
-                            "replace it with the model's own config.json.")
-    if not any(any(local.glob(pattern)) for pattern in TOKENIZER_GLOBS):
-        raise LlmpruneError(f"{local} holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); copy "
-                            "the model's tokenizer files beside its weights.")
 
 
 def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
