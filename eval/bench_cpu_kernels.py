@@ -86,8 +86,9 @@ def main() -> None:
             print(line, f"[{time.perf_counter() - started:.0f} s]", flush=True)
             for name, e in [(k, v) for k, v in d.items() if k.startswith(("dense", "ours_")) and isinstance(v, dict)]:
                 b = e["breakdown"]
-                print(f"  step {name}: {b['step_s'] * 1e3:.1f} ms = linears {b['linears_s'] * 1e3:.1f} + other ops "
-                      f"{b['other_ops_s'] * 1e3:.1f} + Python {b['python_s'] * 1e3:.1f} (profiled)", flush=True)
+                print(f"  step {name}: {b['step_s'] * 1e3:.1f} ms = linears {b['linears_s'] * 1e3:.1f} + head "
+                      f"{b['head_s'] * 1e3:.1f} + other ops {b['other_ops_s'] * 1e3:.1f} + Python {b['python_s'] * 1e3:.1f}"
+                      f" (profiled{'; head through our dense kernel' if e.get('dense_kernel') else ''})", flush=True)
             del model
     if args.json:
         with open(args.json, "w") as handle:

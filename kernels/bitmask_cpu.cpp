@@ -101,6 +101,7 @@ struct Ops {
     return r;
   }
   template <class V> static F broadcast(const V* p) { F r; float v = to_float(*p); for (int i = 0; i < 8; ++i) r.v[i] = v; return r; }
+  template <class V> static F loadw(const V* p) { F r; for (int i = 0; i < 8; ++i) r.v[i] = to_float(p[i]); return r; }
 };
 #include "bitmask_cpu_body.h"
 }  // namespace portable
@@ -139,6 +140,7 @@ struct Ops {
   }
   static F broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   template <class V> static F broadcast(const V* p) { return _mm256_set1_ps(to_float(*p)); }
+  template <class V> static F loadw(const V* p) { return load8(p); }
 };
 #include "bitmask_cpu_body.h"
 }  // namespace avx2
@@ -174,6 +176,7 @@ struct Ops {
   }
   static F broadcast(const float* p) { return _mm512_set1_ps(*p); }
   template <class V> static F broadcast(const V* p) { return _mm512_set1_ps(to_float(*p)); }
+  template <class V> static F loadw(const V* p) { return load16(p); }
 };
 #include "bitmask_cpu_body.h"
 }  // namespace avx512
@@ -555,6 +558,31 @@ torch::Tensor matmul_blocked(torch::Tensor x, torch::Tensor values, torch::Tenso
   return y;
 }
 
+// y [tokens, rows] = x [tokens, cols] wᵀ for a weight kept dense (w fp32, bf16 or fp16 [rows, cols], rows
+// contiguous; x fp32), fp32 sums, tokens 8 at a time: see dense_dot_rows_t.
+torch::Tensor matmul_dense(torch::Tensor x, torch::Tensor w, int64_t isa) {
+  TORCH_CHECK(isa >= PORTABLE && isa <= best_isa(), "this CPU lacks the instruction set asked for");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.stride(1) == 1, "w: a CPU tensor [rows, cols], rows contiguous");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(1) == cols && x.stride(1) == 1 &&
+              x.device().is_cpu(), "x: float32 [tokens, cols], rows contiguous");
+  const int64_t tokens = x.size(0), ldx = x.stride(0), ldw = w.stride(0);
+  auto y = torch::empty({tokens, rows}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  by_dtype(w, [&](auto tag) {
+    using V = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    const V* wp = reinterpret_cast<const V*>(w.data_ptr());
+    at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+        const int tb = int(std::min<int64_t>(8, tokens - t0));
+        LLMPRUNE_DISPATCH(isa, dense_dot_rows(tb, xp + t0 * ldx, ldx, wp, ldw, cols, yp + t0 * rows, rows, r0, r1));
+      }
+    });
+  });
+  return y;
+}
+
 // The dense fp32 weight [rows, kp] (zeros where the mask has none).
 torch::Tensor expand(torch::Tensor values, torch::Tensor masks, torch::Tensor offsets, int64_t isa) {
   check(values, masks, offsets, isa);
@@ -588,4 +616,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_gather", &llmprune_cpu::matmul_gather, "y^T = W x^T, kept values broadcast over tokens");
   m.def("matmul_blocked", &llmprune_cpu::matmul_blocked, "y = x W^T, row blocks expanded for torch's GEMM");
   m.def("expand", &llmprune_cpu::expand, "the dense float32 weight [rows, kp]");
+  m.def("matmul_dense", &llmprune_cpu::matmul_dense, "y = x W^T for a weight kept dense (decode)");
 }

@@ -170,23 +170,25 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, tokens: int) -> tuple[flo
 
 @torch.no_grad()
 def step_breakdown(model: nn.Module, ids: torch.Tensor, steps: int = 16) -> dict:
-    """Where a decode step's time goes: the linears (timed by hooks), torch's other operators (the profiler's
-    self time, less the linears'), and the rest (Python, the model's glue): seconds per step."""
+    """Where a decode step's time goes: the decoder blocks' linears and the output head (each timed by hooks),
+    torch's other operators (the profiler's self time, less the linears'), and the rest (Python, the model's glue):
+    seconds per step."""
     from torch.profiler import ProfilerActivity, profile
 
     linear_types = (nn.Linear, deploy.SparseLinear)
-    spent = [0.0]
+    spent = [0.0, 0.0]  # the blocks' linears, the head
     starts: dict[int, float] = {}
+    head = model.get_output_embeddings()
 
     def before(module, args):
         starts[id(module)] = time.perf_counter()
 
     def after(module, args, output):
-        spent[0] += time.perf_counter() - starts.pop(id(module))
+        spent[module is head] += time.perf_counter() - starts.pop(id(module))
 
     handles = []
     for module in model.modules():
-        if isinstance(module, linear_types) and module is not model.get_output_embeddings():
+        if isinstance(module, linear_types):
             handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         kw = cache_keyword(model)
@@ -195,7 +197,7 @@ def step_breakdown(model: nn.Module, ids: torch.Tensor, steps: int = 16) -> dict
         for _ in range(2):  # warm
             out = model(input_ids=step, use_cache=True, **{kw: past})
             past, step = returned_cache(out), out.logits[:, -1:].argmax(-1)
-        spent[0] = 0.0
+        spent[:] = [0.0, 0.0]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             for _ in range(steps):
@@ -209,10 +211,10 @@ def step_breakdown(model: nn.Module, ids: torch.Tensor, steps: int = 16) -> dict
     op_self = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e6
     linear_ops = sum(e.self_cpu_time_total for e in events
                      if e.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")) / 1e6
-    linears = spent[0]
+    linears, head_s = spent
     others = max(0.0, op_self - linear_ops)
-    return {"step_s": wall / steps, "linears_s": linears / steps, "other_ops_s": others / steps,
-            "python_s": max(0.0, wall - linears - others) / steps, "note": "profiled (slower than the timed decode)"}
+    return {"step_s": wall / steps, "linears_s": linears / steps, "head_s": head_s / steps, "other_ops_s": others / steps,
+            "python_s": max(0.0, wall - linears - head_s - others) / steps, "note": "profiled (slower than the timed decode)"}
 
 
 def decode_speed(model: nn.Module, *, tokens: int = 128, prompt: int = 64, value_dtypes=VALUE_DTYPES,
@@ -234,7 +236,7 @@ def decode_speed(model: nn.Module, *, tokens: int = 128, prompt: int = 64, value
         result["ours_" + str(dt).removeprefix("torch.")] = {
             "prefill_s": prefill, "tokens_per_s": rate, "speedup": rate / result["dense"]["tokens_per_s"],
             "same_tokens": ids_out == dense_ids, "stored_over_dense": report["stored_bytes"] / max(report["dense_bytes"], 1),
-            "swapped": report["swapped"], "breakdown": step_breakdown(sparse, ids)}
+            "swapped": report["swapped"], "dense_kernel": report["dense_kernel"], "breakdown": step_breakdown(sparse, ids)}
         del sparse
     for dt in model_dtypes:
         short = str(dt).removeprefix("torch.")
@@ -249,6 +251,6 @@ def decode_speed(model: nn.Module, *, tokens: int = 128, prompt: int = 64, value
             "prefill_s": prefill, "tokens_per_s": rate, "speedup": rate / result["dense"]["tokens_per_s"],
             "speedup_over_same_dtype": rate / dense["tokens_per_s"], "same_tokens": ids_out == cast_ids,
             "stored_over_dense": report["stored_bytes"] / max(report["dense_bytes"], 1), "swapped": report["swapped"],
-            "breakdown": step_breakdown(cast, ids)}
+            "dense_kernel": report["dense_kernel"], "breakdown": step_breakdown(cast, ids)}
         del cast
     return result

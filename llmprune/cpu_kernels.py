@@ -377,6 +377,43 @@ def matmul(x: Tensor, values: Tensor, masks: Tensor, offsets: Tensor, cols: int,
     return y.to(x.dtype).reshape(*lead, rows)
 
 
+# A linear left dense (the tied lm_head, linears a recipe ignored) runs through matmul_dense up to this many tokens
+# where dense_kernel_wanted(): on an AMD EPYC Zen 4 (2 cores) SmolLM2's 49152×576 head took 3.6-3.8 ms at one
+# token against 12-15 ms in torch's F.linear (MKL reads 7-10 GB/s there), 4.1 against 25 at 4 tokens, 10.3 against
+# 34 at 16. Beyond it torch's GEMM, whose arithmetic then counts.
+DENSE_TOKENS = 16
+
+
+@functools.lru_cache(maxsize=1)
+def dense_kernel_wanted() -> bool:
+    """Whether linears left dense run through matmul_dense at decode: $LLMPRUNE_CPU_DENSE ('ours' or 'torch')
+    decides where set; else on AMD CPUs, where it measured 3-6× torch's; elsewhere torch's (MKL on an Intel CPU
+    streams near the copy rate, and ours was not measured there)."""
+    forced = os.environ.get("LLMPRUNE_CPU_DENSE")
+    if forced in ("ours", "torch"):
+        return forced == "ours" and extension() is not None
+    if forced:
+        log.warning("LLMPRUNE_CPU_DENSE=%s is neither 'ours' nor 'torch'; deciding by the CPU's vendor", forced)
+    return _default_vendor() == "amd"
+
+
+def matmul_dense(x: Tensor, weight: Tensor, *, isa: str | None = None) -> Tensor:
+    """y = x Wᵀ for a dense CPU weight [rows, cols] (float32, bfloat16 or float16) and x [..., cols] of any float
+    dtype, with float32 sums, y in x's dtype: one pass over the weight per 8 tokens, for decode."""
+    module = extension()
+    if module is None:
+        raise RuntimeError(refusal())
+    cols = weight.shape[1]
+    if x.shape[-1] != cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {cols}")
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, cols).to(torch.float32)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight.detach() if weight.stride(-1) == 1 else weight.detach().contiguous()
+    return module.matmul_dense(x2, w, _isa(isa)).to(x.dtype).reshape(*lead, weight.shape[0])
+
+
 def expand(values: Tensor, masks: Tensor, offsets: Tensor, cols: int, *, isa: str | None = None) -> Tensor:
     """The dense float32 weight [rows, cols], expanded by the compiled code."""
     module = extension()

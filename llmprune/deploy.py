@@ -117,12 +117,45 @@ class SparseLinear(nn.Module):
                 f"packed_for={self.target}, values={str(self.values.dtype).removeprefix('torch.')}")
 
 
+class DenseCPULinear(nn.Linear):
+    """An nn.Linear left dense whose decode-sized products on a CPU run through our dense kernel
+    (cpu_kernels.matmul_dense), where torch's took 3-4× longer (AMD CPUs, cpu_kernels.DENSE_TOKENS); anything else
+    (more tokens, another device, inputs that need a gradient) takes F.linear. Made by changing a module's class in
+    place (speed_up_dense), so its parameters (a tied lm_head's too), hooks and state dict stay as they are."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (x.device.type != "cpu" or w.device.type != "cpu" or w.dtype not in cpu_kernels.VALUE_DTYPES
+                or not x.dtype.is_floating_point or x.numel() > cpu_kernels.DENSE_TOKENS * w.shape[1]
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return nn.functional.linear(x, w, self.bias)
+        y = cpu_kernels.matmul_dense(x, w)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def speed_up_dense(model: nn.Module, *, min_weights: int = 1 << 16) -> int:
+    """Make every plain nn.Linear of the model with at least `min_weights` weights on the CPU a DenseCPULinear, where
+    cpu_kernels.dense_kernel_wanted() (AMD CPUs, or $LLMPRUNE_CPU_DENSE=ours) and the kernels build; returns how
+    many. Smaller ones stay: per call, Python costs more than the bytes saved."""
+    if not cpu_kernels.dense_kernel_wanted() or cpu_kernels.refusal() is not None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if (type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.numel() >= min_weights
+                and module.weight.dtype in cpu_kernels.VALUE_DTYPES):
+            module.__class__ = DenseCPULinear
+            count += 1
+    return count
+
+
 def sparsify(model: nn.Module, *, min_sparsity: float = 0.3, device=None, values_dtype: torch.dtype | None = None) -> dict:
     """Swap every decoder-block linear at least `min_sparsity` sparse for a SparseLinear, in place, packed for
     `device` (each weight's own by default) with `values_dtype` values on a CPU.
 
-    A linear whose every group of 4 inputs keeps at most 2 takes the 2:4 layout, others the bitmask.
-    Returns {"swapped": n, "dense_bytes": ..., "stored_bytes": ...} for the swapped weights.
+    A linear whose every group of 4 inputs keeps at most 2 takes the 2:4 layout, others the bitmask. On a CPU the
+    linears left dense (the lm_head) become DenseCPULinear where that is faster (speed_up_dense).
+    Returns {"swapped": n, "dense_bytes": ..., "stored_bytes": ..., "dense_kernel": m}: the swapped weights' bytes,
+    and how many dense linears run through our dense kernel.
     """
     swapped, dense_bytes, stored = 0, 0, 0
     for block, path, module in pruned_linears(model, min_sparsity):
@@ -133,7 +166,9 @@ def sparsify(model: nn.Module, *, min_sparsity: float = 0.3, device=None, values
         swapped += 1
         dense_bytes += W.numel() * W.element_size()
         stored += sparse.stored_bytes()
-    return {"swapped": swapped, "dense_bytes": dense_bytes, "stored_bytes": stored}
+    on_cpu = torch.device(device).type == "cpu" if device is not None else True  # speed_up_dense checks each weight
+    dense_kernel = speed_up_dense(model) if on_cpu else 0
+    return {"swapped": swapped, "dense_bytes": dense_bytes, "stored_bytes": stored, "dense_kernel": dense_kernel}
 
 
 def pruned_linears(model: nn.Module, min_sparsity: float = 0.3):

@@ -406,3 +406,99 @@ def test_the_kernel_sources_do_not_shadow_the_hubs_kernels_package():
              "print('' if s is None or s.origin is None else s.origin)")
     origin = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     assert not origin.startswith(str(root / "kernels")), origin
+
+
+# ---- linears left dense (the lm_head) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ck.available_isas())
+@pytest.mark.parametrize("dtype", ck.VALUE_DTYPES, ids=str)
+def test_the_dense_kernel_matches_the_product(isa, dtype):
+    for k, (rows, cols) in enumerate(SHAPES + ((70, 576),)):
+        W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(k)).to(dtype)
+        for tokens in (1, 2, 3, 7, 8, 9, 16, 17):
+            x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+            want = x.double() @ W.double().T
+            got = ck.matmul_dense(x, W, isa=isa)
+            assert got.shape == (tokens, rows) and got.dtype == torch.float32
+            tol = 1e-5 * (x.double().abs() @ W.double().abs().T) + 1e-6
+            assert bool(((got.double() - want).abs() <= tol).all()), (isa, dtype, rows, cols, tokens)
+
+
+def test_the_dense_kernel_takes_strided_and_16_bit_inputs():
+    W = torch.randn(40, 100)
+    wide = torch.randn(3, 2, 130)
+    x = wide[..., 10:110]  # rows 130 apart, a view
+    torch.testing.assert_close(ck.matmul_dense(x, W), x @ W.T, rtol=1e-5, atol=1e-5)
+    xb = torch.randn(5, 100).to(torch.bfloat16)
+    got = ck.matmul_dense(xb, W)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), xb.float() @ W.T, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="features"):
+        ck.matmul_dense(torch.randn(2, 99), W)
+
+
+def test_the_dense_kernel_is_chosen_by_vendor_or_by_the_environment(monkeypatch):
+    try:
+        for forced, vendor, want in ((None, "amd", True), (None, "intel", False), ("ours", "intel", True),
+                                     ("torch", "amd", False), ("fast", "amd", True)):
+            ck.dense_kernel_wanted.cache_clear()
+            if forced is None:
+                monkeypatch.delenv("LLMPRUNE_CPU_DENSE", raising=False)
+            else:
+                monkeypatch.setenv("LLMPRUNE_CPU_DENSE", forced)
+            monkeypatch.setattr(ck, "_default_vendor", lambda vendor=vendor: vendor)
+            assert ck.dense_kernel_wanted() is want, (forced, vendor)
+    finally:
+        ck.dense_kernel_wanted.cache_clear()
+
+
+def test_a_tied_head_runs_through_the_dense_kernel_and_stays_tied(monkeypatch):
+    from conftest import tiny_model
+
+    from llmprune import deploy
+
+    monkeypatch.setenv("LLMPRUNE_CPU_DENSE", "ours")
+    ck.dense_kernel_wanted.cache_clear()
+    try:
+        model = tiny_model("llama").eval()
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        head = model.get_output_embeddings()
+        assert head.weight is model.get_input_embeddings().weight
+        ids = torch.randint(0, model.config.vocab_size, (1, 7))
+        with torch.no_grad():
+            before = model(ids).logits
+        dense_out = model.generate(ids, max_new_tokens=10, do_sample=False)
+        assert deploy.speed_up_dense(model, min_weights=1) > 0
+        assert type(head) is deploy.DenseCPULinear and isinstance(head, torch.nn.Linear)
+        assert head.weight is model.get_input_embeddings().weight and "lm_head.weight" in model.state_dict()
+        calls = []
+        original = ck.matmul_dense
+        monkeypatch.setattr(ck, "matmul_dense", lambda *a, **k: calls.append(1) or original(*a, **k))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        assert calls, "a 7-token call goes through the dense kernel"
+        assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), dense_out)
+        calls.clear()
+        model(torch.randint(0, model.config.vocab_size, (2, 40))).logits.sum().backward()  # 80 tokens, gradients: F.linear
+        assert not calls and head.weight.grad is not None
+    finally:
+        ck.dense_kernel_wanted.cache_clear()
+
+
+def test_sparsify_reports_the_dense_kernel(monkeypatch):
+    from conftest import tiny_model
+
+    from llmprune import deploy
+
+    for forced, want in (("torch", 0), ("ours", None)):
+        monkeypatch.setenv("LLMPRUNE_CPU_DENSE", forced)
+        ck.dense_kernel_wanted.cache_clear()
+        model = tiny_model("llama").eval()
+        monkeypatch.setattr(deploy, "speed_up_dense", lambda m, _real=deploy.speed_up_dense: _real(m, min_weights=1))
+        report = deploy.sparsify(model)
+        monkeypatch.undo()
+        heads = [m for m in model.modules() if type(m) is deploy.DenseCPULinear]
+        assert report["dense_kernel"] == len(heads) and (len(heads) == 0 if want == 0 else len(heads) >= 1)
+    ck.dense_kernel_wanted.cache_clear()

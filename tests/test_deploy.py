@@ -136,11 +136,17 @@ def test_bench_on_the_cpu(tmp_path):
     decode = data["decode"]
     assert decode["ours_float32"]["same_tokens"] and decode["ours_float32"]["swapped"] > 0
     assert decode["dense"]["tokens_per_s"] > 0 and decode["ours_bfloat16"]["breakdown"]["step_s"] > 0
+    for name in ("dense", "ours_float32"):  # the head is timed apart from the blocks' linears, not left in "Python"
+        br = decode[name]["breakdown"]
+        assert br["head_s"] > 0 and br["linears_s"] > 0
+        assert br["linears_s"] + br["head_s"] + br["other_ops_s"] + br["python_s"] == pytest.approx(br["step_s"], rel=0.05)
+    head = tiny_model("llama").get_output_embeddings().weight.numel()  # the one linear left dense
+    assert decode["ours_float32"]["dense_kernel"] == int(cpu_kernels.dense_kernel_wanted() and head >= 1 << 16)
     in_bf16 = decode["ours_bfloat16_model"]
     assert in_bf16["swapped"] == decode["ours_float32"]["swapped"] and decode["dense_bfloat16"]["tokens_per_s"] > 0
     assert in_bf16["speedup_over_same_dtype"] > 0 and in_bf16["breakdown"]["step_s"] > 0
     table = CliRunner().invoke(app, args[:-1])
-    assert table.exit_code == 0 and "the model in bfloat16" in table.stdout, table.output
+    assert table.exit_code == 0 and "the model in bfloat16" in table.stdout and "+ head " in table.stdout, table.output
     bad = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--device", "cpu", "--values-dtype", "int8"])
     assert bad.exit_code == 2 and "--values-dtype" in bad.stderr
 
