@@ -148,6 +148,10 @@ class LlmpruneQuantizer(HfQuantizer):
                 module = SparseLinear.from_linear(module, fmt)
             _set_child(model, name, module)
         self._held = []
+        if sparse:  # the linears left dense (the head) through our dense kernel where it is faster (AMD CPUs)
+            from llmprune.deploy import speed_up_dense
+
+            speed_up_dense(model)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

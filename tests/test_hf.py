@@ -100,10 +100,15 @@ def test_device_map_auto_and_a_dense_resave(outputs, tmp_path):
     assert_bitwise(weights(AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")), weights(model))
 
 
-def test_sparse_kernels_from_the_config(outputs):
+def test_sparse_kernels_from_the_config(outputs, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmprune import cpu_kernels, deploy
     from llmprune.deploy import SparseLinear
+
+    monkeypatch.setenv("LLMPRUNE_CPU_DENSE", "ours")  # the head left dense takes our dense kernel (tiny here: any size)
+    cpu_kernels.dense_kernel_wanted.cache_clear()
+    monkeypatch.setattr(deploy, "speed_up_dense", lambda m, _real=deploy.speed_up_dense: _real(m, min_weights=1))
 
     compressed, dense = outputs["2:4", "compressed"], outputs["2:4", "dense"]
     config = AutoConfig.from_pretrained(compressed)
@@ -114,6 +119,9 @@ def test_sparse_kernels_from_the_config(outputs):
     reference = AutoModelForCausalLM.from_pretrained(dense)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    if cpu_kernels.refusal() is None:
+        assert type(model.get_output_embeddings()) is deploy.DenseCPULinear
+    cpu_kernels.dense_kernel_wanted.cache_clear()
 
 
 def test_a_streamed_output_loads(tmp_path, text_file):
