@@ -178,7 +178,7 @@ def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_token
         e = d[o]
         console.print(f"  ours, {o[5:]} values: {e['tokens_per_s']:.2f} tok/s ({e['speedup']:.2f}×), same tokens as dense: "
                       f"{e['same_tokens']}; {e['swapped']} linears at {e['stored_over_dense']:.3f}× their dense bytes"
-                      + (f", {e['dense_kernel']} left dense through our dense kernel" if e.get("dense_kernel") else ""))
+                      + (f", {e['dense_kernel']} left dense through our dense kernel" if e["dense_kernel"] else ""))
     for o in models:
         e, short = d[o], o[5:-6]
         console.print(f"  the model in {short}: dense {d['dense_' + short]['tokens_per_s']:.2f} tok/s, ours "
@@ -187,5 +187,5 @@ def _bench_cpu(model, values_dtype: str, tokens: str, repeats: int, decode_token
     for name in ("dense", *ours, *models):
         br = d[name]["breakdown"]
         console.print(f"  a step of {name}: {br['step_s'] * 1e3:.1f} ms = linears {br['linears_s'] * 1e3:.1f} + head "
-                      f"{br.get('head_s', 0) * 1e3:.1f} + other operators {br['other_ops_s'] * 1e3:.1f} + Python and glue "
+                      f"{br['head_s'] * 1e3:.1f} + other operators {br['other_ops_s'] * 1e3:.1f} + Python and glue "
                       f"{br['python_s'] * 1e3:.1f} ({br['note']})")

@@ -386,12 +386,12 @@ DENSE_TOKENS = 16
 
 @functools.lru_cache(maxsize=1)
 def dense_kernel_wanted() -> bool:
-    """Whether linears left dense run through matmul_dense at decode: $LLMPRUNE_CPU_DENSE ('ours' or 'torch')
-    decides where set; else on AMD CPUs, where it measured 3-6× torch's; elsewhere torch's (MKL on an Intel CPU
+    """Whether linears left dense should run through matmul_dense at decode (where the kernels build: the caller's
+    check): $LLMPRUNE_CPU_DENSE ('ours' or 'torch') decides where set; else on AMD CPUs, where it measured 3-6× torch's; elsewhere torch's (MKL on an Intel CPU
     streams near the copy rate, and ours was not measured there)."""
     forced = os.environ.get("LLMPRUNE_CPU_DENSE")
     if forced in ("ours", "torch"):
-        return forced == "ours" and extension() is not None
+        return forced == "ours"
     if forced:
         log.warning("LLMPRUNE_CPU_DENSE=%s is neither 'ours' nor 'torch'; deciding by the CPU's vendor", forced)
     return _default_vendor() == "amd"
