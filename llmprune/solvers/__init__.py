@@ -77,6 +77,7 @@ SOLVERS: dict[str, str] = {
     "wanda": "llmprune.solvers.wanda:WandaSolver",
     "sparsegpt": "llmprune.solvers.sparsegpt:SparseGPTSolver",
     "alps": "llmprune.solvers.alps:ALPSSolver",
+    "admm": "llmprune.solvers.admm:ADMMSolver",
 }
 
 
