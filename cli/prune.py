@@ -19,6 +19,8 @@ Examples:
 
   llmprune prune smollm2 --method alps --sparsity 0.7 --out m70   # ADMM: the lowest perplexity at 70%
 
+  llmprune prune smollm2 --method admm --sparsity 0.7 --out m70a  # Boža's ADMM: most of ALPS's gain, faster
+
   llmprune prune smollm2 --method sparsegpt --pattern 2:4 --quantize w4a16 --out m24q4   # 2:4 + int4, GPTQ keeping the zeros
 
   llmprune prune smollm2 --quantize w8a16 --group-size 0 --sparsity 0 --out mq8   # GPTQ alone, one scale per row
@@ -41,7 +43,7 @@ def prune(
     model: Optional[str] = typer.Argument(None, help="Hub id, local model directory, .gguf file, or 'smollm2' (default: the bundled SmolLM2-135M-Instruct)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (written only when complete)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe file, or the name of a shipped one (sparsegpt-2of4, owl-dsnot-70, ...). Flags below override its fields."),
-    method: Optional[str] = typer.Option(None, help="magnitude, wanda, sparsegpt or alps (ADMM: better at 60%+ and 2:4, in about twice SparseGPT's time). [default: sparsegpt]"),
+    method: Optional[str] = typer.Option(None, help="magnitude, wanda, sparsegpt, alps (ADMM with a penalty schedule and a refit: the lowest perplexity at 60%+ and 2:4, in about twice SparseGPT's time) or admm (Boža's ADMM with a gradual mask: between the two, at 70% in about 1.2× SparseGPT's time). [default: sparsegpt]"),
     sparsity: Optional[float] = typer.Option(None, help="Fraction of weights to prune, in [0, 1). Default 0.5; N:M patterns imply 1 - N/M."),
     pattern: Optional[str] = typer.Option(None, help="'unstructured' or N:M (at most N non-zeros in every M consecutive inputs), e.g. 2:4, 4:8. [default: unstructured]"),
     allocation: Optional[str] = typer.Option(None, help="uniform (every linear at --sparsity) or owl (per-block sparsity from outlier ratios, within ±λ, same overall sparsity; unstructured only). [default: uniform]"),
@@ -50,7 +52,7 @@ def prune(
     refine: Optional[str] = typer.Option(None, help="none, or dsnot: prune-and-grow on each linear's mask; a row is kept refined only where its output error drops. [default: none]"),
     dsnot_cycles: Optional[int] = typer.Option(None, "--dsnot-cycles", help="DSnoT: most swap cycles per linear. [default: 50]"),
     dsnot_threshold: Optional[float] = typer.Option(None, "--dsnot-threshold", help="DSnoT: a row stops once its expected output shift is below this. [default: 0.1]"),
-    alps_budget: Optional[str] = typer.Option(None, "--alps-budget", help="ALPS, unstructured: layer (keep the layer's largest weights, as ALPS) or row (every output row equally sparse, as Wanda and SparseGPT). [default: layer]"),
+    alps_budget: Optional[str] = typer.Option(None, "--alps-budget", help="ALPS and ADMM, unstructured: layer (keep the layer's largest weights, as ALPS) or row (every output row equally sparse, as Wanda and SparseGPT). [default: layer]"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none, w4a16 or w8a16: round the pruned weights to int4/int8 (16-bit activations) by GPTQ from the same statistics, keeping every zero; saved in compressed-tensors' pack-quantized format, which plain transformers and vLLM load. --sparsity 0 for GPTQ alone. [default: none]"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization: inputs sharing one scale; 0 for one scale per output row. [default: 128]"),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Quantization: zero point 0, or one zero point per group. [default: symmetric]"),

@@ -18,6 +18,7 @@ AUTO_PASSES = 6  # descent passes after pruning where quant_passes is auto (the 
 ALLOCATIONS = ("uniform", "owl")
 REFINERS = ("none", "dsnot")
 ALPS_BUDGETS = ("layer", "row")
+ADMM_METHODS = ("alps", "admm")  # the solvers that take alps_budget
 ACTORDERS = ("auto", "on", "off")
 RECIPE_FILE = "recipe.yaml"
 
@@ -37,7 +38,7 @@ class Recipe:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
     dsnot_same_sign: bool = True  # a row stops once a swap would flip the sign of its output shift
-    alps_budget: str = "layer"  # ALPS unstructured: the kept weights are the largest of the layer, or (row) of each row
+    alps_budget: str = "layer"  # ALPS / ADMM unstructured: the kept weights are the largest of the layer, or (row) of each row
     quantize: str = "none"  # or w4a16, w8a16: the pruned weights rounded to int4/int8 by GPTQ keeping the mask
     group_size: int = 128  # quantization: inputs sharing one scale (0: one scale per output row)
     symmetric: bool = True  # quantization: zero point 0 (else a zero point per group)
@@ -87,9 +88,9 @@ class Recipe:
         _choice("alps_budget", self.alps_budget, ALPS_BUDGETS)
         _choice("actorder", self.actorder, ACTORDERS)
         _choice("observer", self.observer, OBSERVERS)
-        if self.alps_budget != "layer" and self.method != "alps":
-            raise LlmpruneError(f"alps_budget: {self.alps_budget} applies to --method alps only (method is {self.method}); "
-                                "drop it or use --method alps.")
+        if self.alps_budget != "layer" and self.method not in ADMM_METHODS:
+            raise LlmpruneError(f"alps_budget: {self.alps_budget} applies to --method alps or admm only (method is "
+                                f"{self.method}); drop it or use --method alps.")
         if self.allocation == "owl" and pattern.structured:
             raise LlmpruneError(f"allocation: owl gives each block its own sparsity, which pattern {pattern} fixes at "
                                 f"{1 - pattern.n / pattern.m:g}; use --pattern unstructured or --allocation uniform.")
@@ -182,7 +183,7 @@ class Recipe:
     @property
     def solver_options(self) -> dict:
         """Keyword arguments of the method's solver beyond its input width and device."""
-        return {"budget": self.alps_budget} if self.method == "alps" else {}
+        return {"budget": self.alps_budget} if self.method in ADMM_METHODS else {}
 
     def sparsity_override(self, name: str) -> float | None:
         for regex, value in self.overrides:

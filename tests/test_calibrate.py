@@ -29,7 +29,7 @@ def expected_zeros(method, shape, sparsity, pattern):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "alps"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "alps", "admm"])
 @pytest.mark.parametrize("name,pattern,sparsity", PATTERNS)
 def test_every_linear_is_pruned_exactly(arch, method, name, pattern, sparsity, tmp_path):
     model = tiny_model(arch)

@@ -64,7 +64,7 @@ def test_gptq_beats_round_to_nearest_and_stays_on_the_grid(scheme):
 @pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(4, 8), 0.5)])
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 16, True), QuantScheme(8, 0, False),
                                     QuantScheme(4, 16, False, observer="mse")], ids=str)
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "alps", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "alps", "admm", "magnitude"])
 def test_gptq_after_any_solver_keeps_its_zeros_exactly(method, pattern, sparsity, scheme):
     X = realistic_inputs(2048, 64)
     W = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))

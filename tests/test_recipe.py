@@ -90,7 +90,7 @@ def test_cli_flags_override_recipe_fields():
     ("- a\n- b\n", ["a recipe is a mapping"]),
     ("dsnot_cycles: 0\n", ["dsnot_cycles must be at least 1"]),
     ("method: alps\nalps_budget: rows\n", ["alps_budget: unknown value 'rows'", "layer"]),
-    ("method: wanda\nalps_budget: row\n", ["alps_budget: row applies to --method alps only"]),
+    ("method: wanda\nalps_budget: row\n", ["alps_budget: row applies to --method alps or admm only"]),
     ("version: 9\n", ["recipe version 9"]),
     ("quantize: w4a16\nactorder: maybe\n", ["actorder: unknown value 'maybe'", "auto, on, off"]),
     ("quantize: w4a16\nobserver: max\n", ["observer: unknown value 'max'", "minmax, mse"]),

@@ -309,3 +309,113 @@ def test_alps_layer_projection_on_a_large_layer_is_lowest_ks_mask():
     for Z in (torch.randn(640, 200, generator=g), torch.randint(-2, 3, (640, 200), generator=g).float()):
         want = (~lowest_k(Z.square().view(1, -1), int(0.7 * Z.numel()))).view(640, 200).float()
         assert torch.equal(keep(Z), want)
+
+
+# ADMM with a gradual mask (solvers/admm.py)
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
+def test_admm_beats_sparsegpt_unstructured_on_correlated_inputs(sparsity):
+    g = torch.Generator().manual_seed(11)
+    W, X = torch.randn(96, 64, generator=g), realistic_inputs()
+    admm, sparsegpt = (layer_error(W, solve(m, W, X, sparsity, Pattern()), X) for m in ("admm", "sparsegpt"))
+    assert admm < 0.9 * sparsegpt, (admm, sparsegpt)
+
+
+def reference_admm(W, X, sparsity, iters=20, gradual=15, damp=0.1, rho=1.0):
+    """The iteration written out plainly in float64 (Boža 2024): the layer budget, the cubic schedule, the last
+    projection as the result."""
+    H = X.double().T @ X.double()
+    d = torch.diagonal(H).sqrt()
+    Hn = H / d.unsqueeze(1) / d.unsqueeze(0) + damp * torch.eye(len(d), dtype=torch.float64)
+    B0 = (W.double() * d).T
+    G, inverse = Hn @ B0, torch.linalg.inv(Hn + rho * torch.eye(len(d), dtype=torch.float64))
+    B, U = B0.clone(), torch.zeros_like(B0)
+    for t in range(1, iters + 1):
+        if t <= gradual:
+            share = sparsity * (1 - (1 - t / gradual) ** 3)
+            Z = (B + U).flatten()
+            mask = torch.ones_like(Z)
+            mask[torch.topk(Z.abs(), int(share * Z.numel()), largest=False).indices] = 0
+            mask = mask.view(B.shape)
+        D = (B + U) * mask
+        U = U + B - D
+        B = inverse @ (G + rho * (D - U))
+    return ((B + U) * mask / d.unsqueeze(1)).T
+
+
+def test_admm_is_the_plain_iteration():
+    g = torch.Generator().manual_seed(17)
+    X = realistic_inputs(512, 24)
+    W = torch.randn(10, 24, generator=g)
+    out = solve("admm", W, X, 0.6, Pattern(), 1)
+    want = reference_admm(W, X, 0.6)
+    assert torch.equal(out == 0, want == 0)
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-4)
+    assert int((out == 0).sum()) == int(0.6 * 240)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [(Pattern(), 0.7), (Pattern(2, 4), 0.5), (Pattern(1, 4), 0.75)])
+def test_admm_schedule_rises_to_the_budget_and_keeps_each_groups_largest(pattern, sparsity):
+    from llmprune.masks import prune_count
+    from llmprune.solvers.admm import _Gradual
+    from llmprune.solvers.alps import _projector
+
+    g = torch.Generator().manual_seed(18)
+    project = _Gradual((64, 24), sparsity, pattern, "layer", 15)
+    shares = [project.share(t) for t in range(1, 21)]
+    assert all(a < b for a, b in zip(shares[:14], shares[1:15])) and shares[14:] == [pytest.approx(sparsity)] * 6
+    assert 0 < shares[0] < 0.25 * sparsity
+    for t in (1, 5, 14, 15, 20):
+        Z = torch.randn(64, 24, generator=g)
+        mask = project(Z, t)
+        assert int((mask == 0).sum()) == prune_count(64 * 24, shares[t - 1]), t
+        if pattern.structured:  # the groups' n largest are kept throughout; the pattern itself from t = gradual
+            top = _projector((64, 24), sparsity, pattern)(Z)
+            assert bool((mask >= top).all()), t
+            if t >= 15:
+                assert torch.equal(mask, top)
+
+
+def test_admm_refit_option_is_the_least_squares_optimum_on_its_support():
+    """With the refit, the kept weights minimise (w − W)ᵀ(H + δ·diag H)(w − W) on the support (Ĥ = D⁻¹HD⁻¹ + δI in
+    the solver's coordinates)."""
+    from llmprune.solvers.admm import ADMMSolver
+
+    g = torch.Generator().manual_seed(19)
+    X = realistic_inputs(512, 12)
+    W = torch.randn(6, 12, generator=g)
+    solver = ADMMSolver(12, torch.device("cpu"), refit_iters=50, refit_rtol=1e-7)
+    solver.add_batch(X)
+    out = solver.prune(W, 0.5, Pattern())
+    H = X.double().T @ X.double()
+    H += solver.damp * torch.diag(torch.diagonal(H))
+    for i in range(6):
+        keep = out[i] != 0
+        best = torch.linalg.solve(H[keep][:, keep], (H @ W[i].double())[keep])
+        torch.testing.assert_close(out[i, keep].double(), best, rtol=1e-4, atol=1e-5)
+    plain = make_solver("admm", 12)
+    plain.add_batch(X)
+    assert layer_error(W, out, X) <= layer_error(W, plain.prune(W, 0.5, Pattern()), X) * (1 + 1e-6)
+
+
+def test_admm_is_deterministic_shares_its_inverse_and_checks_its_options():
+    from llmprune.solvers.admm import ADMMSolver
+
+    g = torch.Generator().manual_seed(20)
+    X = realistic_inputs(256, 32)
+    Wq, Wk = torch.randn(8, 32, generator=g), torch.randn(4, 32, generator=g)
+    shared = make_solver("admm", 32)
+    shared.add_batch(X)
+    before = Wq.clone()
+    q = shared.prune(Wq, 0.5, Pattern())
+    basis = shared._basis
+    k = shared.prune(Wk, 0.5, Pattern(2, 4))
+    assert shared._basis is basis and torch.equal(Wq, before)
+    assert torch.equal(q, solve("admm", Wq, X, 0.5, Pattern(), 1)) and torch.equal(k, solve("admm", Wk, X, 0.5, Pattern(2, 4), 1))
+    row = ADMMSolver(32, torch.device("cpu"), budget="row")
+    row.add_batch(X)
+    assert ((row.prune(Wq, 0.5, Pattern()) == 0).sum(1) == 16).all()
+    with pytest.raises(ValueError, match="gradual"):
+        ADMMSolver(32, torch.device("cpu"), iters=10, gradual=12)
+    no_data = make_solver("admm", 16).prune(Wq[:, :16], 0.5, Pattern(2, 4))
+    assert torch.equal(no_data != 0, solve("magnitude", Wq[:, :16], torch.zeros(0, 16), 0.5, Pattern(2, 4)) != 0)

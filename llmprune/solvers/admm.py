@@ -90,10 +90,9 @@ class ADMMSolver(ALPSSolver):
             U.add_(B).sub_(D)
             torch.add(G, D, alpha=self.rho, out=R).sub_(U, alpha=self.rho)
             torch.mm(inverse, R, out=B)
-        support = project(torch.add(B, U, out=Z), self.iters) if self.gradual == self.iters else mask
-        D = Z.mul_(support)
+        D = torch.add(B, U, out=Z).mul_(mask)  # the last projection, on the last mask chosen
         if self.refit_iters:
-            D = refit(Hn, G, D, support, self.refit_iters, self.refit_rtol)
+            D = refit(Hn, G, D, mask, self.refit_iters, self.refit_rtol)
         self.last = {"iterations": self.iters, "rho": self.rho}
         return (D / d.unsqueeze(1)).T.to(W.dtype).contiguous()
 
