@@ -9,7 +9,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.recipe import Recipe, load_recipe, shipped_recipes
 
 runner = CliRunner()
-SHIPPED = ["sparsegpt-2of4", "wanda-unstructured-50", "sparsegpt-4of8", "owl-wanda-70", "owl-dsnot-70", "alps-unstructured-70",
+SHIPPED = ["sparsegpt-2of4", "wanda-unstructured-50", "sparsegpt-4of8", "owl-wanda-70", "owl-dsnot-70", "alps-unstructured-70", "admm-unstructured-70",
            "alps-2of4", "owl-alps-70", "sparsegpt-2of4-w4a16", "sparsegpt-50-w4a16"]
 
 
@@ -180,3 +180,9 @@ def test_alps_row_budget_from_the_cli_reaches_every_linear(model_dir, text_file,
     for name, pruned in masks_of(tmp_path / "o").items():
         per_row = pruned.sum(1)
         assert (per_row == int(0.6 * pruned.shape[1])).all(), name
+
+
+def test_the_budget_option_reaches_both_admm_solvers_only():
+    assert Recipe.create(method="admm", alps_budget="row").solver_options == {"budget": "row"}
+    assert Recipe.create(method="alps").solver_options == {"budget": "layer"}
+    assert Recipe.create(method="sparsegpt").solver_options == {}
