@@ -32,7 +32,6 @@ from torch import Tensor
 
 from llmprune.masks import Pattern, prune_count
 from llmprune.solvers.alps import ALPSSolver, REFIT_RTOL, _LayerKeep, _projector, refit
-from llmprune.solvers.magnitude import MagnitudeSolver
 from llmprune.solvers.sparsegpt import symmetric
 
 DAMP = 0.1  # δ, added to the unit diagonal of the normalized Hessian (author's code: percdamp=.1)
@@ -53,8 +52,8 @@ class ADMMSolver(ALPSSolver):
                  gradual: int = GRADUAL, refit_iters: int = 0, refit_rtol: float = REFIT_RTOL,
                  budget: str = "layer"):
         super().__init__(columns, device, refit_iters=refit_iters, refit_rtol=refit_rtol, budget=budget)
-        if not 0 <= gradual <= iters:
-            raise ValueError(f"gradual ({gradual}) must be between 0 and iters ({iters})")
+        if iters < 1 or not 0 <= gradual <= iters:
+            raise ValueError(f"iters ({iters}) must be at least 1 and gradual ({gradual}) between 0 and iters")
         self.damp, self.rho, self.iters, self.gradual = damp, rho, iters, gradual
 
     def _normalized(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,14 +71,8 @@ class ADMMSolver(ALPSSolver):
             self._basis = (H, d, inverse)
         return self._basis
 
-    def prune(self, W: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
-        if sparsity == 0 and not pattern.structured:
-            return W.clone()
-        if self.tokens == 0:  # no inputs seen: nothing to reconstruct, the magnitude mask
-            return MagnitudeSolver().prune(W, sparsity, pattern)
-        Hn, d, inverse = self._normalized()
-        B0 = (W.float() * d).T.contiguous()  # [in, out]
-        G = Hn @ B0
+    def _solve(self, basis: tuple, B0: Tensor, G: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
+        Hn, _, inverse = basis
         project = _Gradual(B0.shape, sparsity, pattern, self.budget, self.gradual)
         B, U, R = B0.clone(), torch.zeros_like(B0), torch.empty_like(B0)
         Z = torch.empty_like(B0)
@@ -96,7 +89,7 @@ class ADMMSolver(ALPSSolver):
         if self.refit_iters:
             D = refit(Hn, G, D, mask, self.refit_iters, self.refit_rtol)
         self.last = {"iterations": self.iters, "rho": self.rho}
-        return (D / d.unsqueeze(1)).T.to(W.dtype).contiguous()
+        return D
 
 
 class _Gradual:

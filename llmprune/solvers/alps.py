@@ -113,16 +113,22 @@ class ALPSSolver(Solver):
             return W.clone()
         if self.tokens == 0:  # no inputs seen: nothing to reconstruct, the magnitude mask
             return MagnitudeSolver().prune(W, sparsity, pattern)
-        Hn, d, evals, evecs = self._normalized()
+        basis = self._normalized()
+        Hn, d = basis[0], basis[1]
         B0 = (W.float() * d).T.contiguous()  # [in, out]
-        G = Hn @ B0
+        B = self._solve(basis, B0, Hn @ B0, sparsity, pattern)
+        return (B / d.unsqueeze(1)).T.to(W.dtype).contiguous()
+
+    def _solve(self, basis: tuple, B0: Tensor, G: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
+        """The pruned B (in the normalized coordinates, [in, out]) from B₀ and G = Ĥ·B₀."""
+        Hn, _, evals, evecs = basis
         keep = _projector(B0.shape, sparsity, pattern, self.budget)
         B, iters, rho = admm(Hn, G, B0, evals, evecs, keep, self.rho0, self.max_iters)
         support = keep(B)
         B.mul_(support)
         B = refit(Hn, G, B, support, self.refit_iters, self.refit_rtol)
         self.last = {"iterations": iters, "rho": rho}
-        return (B / d.unsqueeze(1)).T.to(W.dtype).contiguous()
+        return B
 
 
 def _projector(shape: tuple[int, int], sparsity: float, pattern: Pattern, budget: str = "layer"):
