@@ -62,7 +62,8 @@ def routers_of(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method,pattern", [("sparsegpt", "2:4"), ("wanda", "unstructured"), ("alps", "unstructured")])
+@pytest.mark.parametrize("method,pattern", [("sparsegpt", "2:4"), ("wanda", "unstructured"), ("alps", "unstructured"),
+                                           ("admm", "2:4")])
 def test_every_expert_is_pruned_and_routers_stay_dense(family, method, pattern, text_file, tmp_path, moe_dir):
     from transformers import AutoModelForCausalLM
 

@@ -157,7 +157,8 @@ def interrupt_after(monkeypatch, block: int, every: float = 0) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("fields", [dict(method="sparsegpt", sparsity=0.5), dict(method="magnitude", pattern="2:4"),
                                     dict(method="wanda", sparsity=0.6, allocation="owl", refine="dsnot"),
-                                    dict(method="alps", sparsity=0.7, allocation="owl")])
+                                    dict(method="alps", sparsity=0.7, allocation="owl"),
+                                    dict(method="admm", sparsity=0.7, allocation="owl", refine="dsnot")])
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, calib, monkeypatch, stream, fields):
     model = str(sharded_model(tmp_path / "m"))
     api.prune(model, out=tmp_path / "whole", stream=stream, **fields, **calib)
