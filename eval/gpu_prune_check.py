@@ -40,6 +40,8 @@ CASES = [
     dict(method="alps", sparsity=0.7, pattern="unstructured"),
     dict(method="alps", sparsity=0.5, pattern="2:4"),
     dict(method="alps", sparsity=0.7, pattern="unstructured", allocation="owl"),
+    dict(method="admm", sparsity=0.7, pattern="unstructured"),
+    dict(method="admm", sparsity=0.5, pattern="2:4"),
     dict(method="sparsegpt", sparsity=0.0, pattern="unstructured", quantize="w4a16"),  # GPTQ alone
     dict(method="sparsegpt", sparsity=0.5, pattern="2:4", quantize="w4a16"),
     dict(method="alps", sparsity=0.6, pattern="unstructured", quantize="w8a16"),
@@ -55,6 +57,7 @@ TIMING_CASES = [
     dict(method="alps", sparsity=0.5, pattern="2:4"),
     dict(method="sparsegpt", sparsity=0.0, pattern="unstructured", quantize="w4a16"),
     dict(method="sparsegpt", sparsity=0.5, pattern="2:4", quantize="w4a16"),
+    dict(method="admm", sparsity=0.7, pattern="unstructured"),
 ]
 CALIB = dict(calibration="wikitext2-valid", nsamples=16, seqlen=128, seed=0)
 
