@@ -100,8 +100,7 @@ class _Gradual:
     def __init__(self, shape: tuple[int, int], sparsity: float, pattern: Pattern, budget: str, gradual: int):
         self.shape, self.pattern, self.budget, self.gradual = shape, pattern, budget, gradual
         self.target = 1 - pattern.n / pattern.m if pattern.structured else sparsity
-        self._final = _projector(shape, sparsity, pattern, budget)  # the target's own projection
-        self._groups = self._final if pattern.structured else None
+        self._final = _projector(shape, sparsity, pattern, budget)  # the target's (N:M: each group's n largest)
         self._layer = _LayerKeep(shape, 0) if pattern.structured or budget == "layer" else None
         self._scores = None
 
@@ -114,14 +113,13 @@ class _Gradual:
     def __call__(self, Z: Tensor, t: int) -> Tensor:
         if t >= self.gradual:
             return self._final(Z)
-        cols, rows = self.shape
         share = self.share(t)
         if self._layer is None:  # row budget: each output row (a column of Z) its share
             return _projector(self.shape, share, Pattern(), "row")(Z)
         if self.pattern.structured:  # the groups' n largest are never pruned: their score is raised to +inf
-            top = self._groups(Z)
+            top = self._final(Z)
             if self._scores is None:
                 self._scores = torch.empty_like(Z)
             Z = torch.where(top > 0, torch.full((), float("inf")), Z.abs(), out=self._scores)
-        self._layer.pruned = prune_count(cols * rows, share)
+        self._layer.pruned = prune_count(Z.numel(), share)
         return self._layer(Z)
